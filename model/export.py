@@ -1,0 +1,201 @@
+"""Export MongoDB news documents to one JSON file per article in per-split folders.
+
+Layout: ``<out_root>/<split>/<aid>.json``, canonical JSON (sorted keys, ObjectId as hex,
+datetimes ISO-8601 UTC), so two exports of the same data are byte-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from model.storage import (
+    UnsafePathError,
+    check_safe_id,
+    remove_stale_temporaries,
+    safe_join,
+    write_json_if_changed,
+)
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+DEFAULT_SPLIT_ALIASES = {"val": "valid", "validation": "valid", "dev": "valid"}
+
+# Fields of a NYTimes800k document that later stages read (DESIGN: formats).
+NYTIMES_EXPORT_FIELDS = (
+    "_id",
+    "split",
+    "pub_date",
+    "headline",
+    "snippet",
+    "abstract",
+    "web_url",
+    "parsed_section",
+    "image_positions",
+)
+
+MAX_EXAMPLE_IDS = 10
+
+
+@dataclasses.dataclass
+class ExportFailure:
+    """One document that was not exported, and why."""
+
+    aid: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ExportReport:
+    per_split: Counter = dataclasses.field(default_factory=Counter)
+    items: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (split, aid) exported
+    written: int = 0
+    unchanged: int = 0
+    skipped_no_images: list[str] = dataclasses.field(default_factory=list)
+    failures: list[ExportFailure] = dataclasses.field(default_factory=list)
+    moved_between_splits: int = 0
+    stale_temporaries_removed: int = 0
+    pages: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exported(self) -> int:
+        return sum(self.per_split.values())
+
+    @property
+    def documents_per_second(self) -> float:
+        seen = self.exported + len(self.skipped_no_images) + len(self.failures)
+        return seen / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Plain values for logs and asset metadata."""
+        return {
+            "exported": self.exported,
+            "per_split": {split: self.per_split.get(split, 0) for split in SPLITS},
+            "written": self.written,
+            "unchanged": self.unchanged,
+            "moved_between_splits": self.moved_between_splits,
+            "skipped_no_images": len(self.skipped_no_images),
+            "skipped_examples": self.skipped_no_images[:MAX_EXAMPLE_IDS],
+            "failed": len(self.failures),
+            "failed_examples": [f"{f.aid}: {f.reason}" for f in self.failures[:MAX_EXAMPLE_IDS]],
+            "pages": self.pages,
+            "seconds": round(self.seconds, 3),
+            "documents_per_second": round(self.documents_per_second, 1),
+        }
+
+
+def iter_documents_by_id_range(
+    collection,
+    query: Mapping[str, Any] | None = None,
+    projection: Mapping[str, Any] | None = None,
+    page_size: int = 500,
+) -> Iterator[list[dict[str, Any]]]:
+    """Yield pages of documents sorted by ``_id``, each page fetched by a fresh short query.
+
+    Each page asks for ``_id`` greater than the last one seen, so no cursor stays open
+    between pages (MongoDB closes cursors idle for 10 minutes) and memory holds one page.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+    last_id = None
+    while True:
+        page_query = dict(query or {})
+        if last_id is not None:
+            page_query = {"$and": [page_query, {"_id": {"$gt": last_id}}]} if page_query else {"_id": {"$gt": last_id}}
+        page = list(collection.find(page_query, projection).sort("_id", 1).limit(page_size))
+        if not page:
+            return
+        yield page
+        last_id = page[-1]["_id"]
+        if len(page) < page_size:
+            return
+
+
+def normalize_split(value: Any, aliases: Mapping[str, str]) -> str:
+    """Map a document's ``split`` value to train/valid/test, or raise ValueError naming it."""
+    if value is None or value == "":
+        raise ValueError("missing 'split' field; set it to one of train, valid, test")
+    name = str(value).strip().lower()
+    name = aliases.get(name, name)
+    if name not in SPLITS:
+        raise ValueError(
+            f"unknown split {value!r}; expected one of {', '.join(SPLITS)} or a configured alias "
+            f"({', '.join(sorted(aliases)) or 'none'})"
+        )
+    return name
+
+
+def has_images(document: Mapping[str, Any]) -> bool:
+    """True when the document has at least one image: NYTimes ``image_positions`` or a NewsImages image."""
+    if document.get("image_positions"):
+        return True
+    return bool(document.get("image_url") or document.get("image_hash") or document.get("image_id"))
+
+
+def export_documents(
+    collection,
+    out_root: Path | str,
+    query: Mapping[str, Any] | None = None,
+    fields: tuple[str, ...] | None = NYTIMES_EXPORT_FIELDS,
+    split_aliases: Mapping[str, str] = DEFAULT_SPLIT_ALIASES,
+    page_size: int = 500,
+) -> ExportReport:
+    """Export every document matching ``query`` to ``<out_root>/<split>/<aid>.json``.
+
+    Documents without images are skipped and counted; documents with an unsafe id or a
+    missing or unknown split get a failure record and the export goes on. A file whose
+    bytes would not change is not rewritten, so a re-run after a crash only writes the rest.
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    report = ExportReport()
+    report.stale_temporaries_removed = remove_stale_temporaries(out_root)
+    projection = {field: 1 for field in fields} if fields else None
+    started = time.perf_counter()
+
+    for page in iter_documents_by_id_range(collection, query, projection, page_size):
+        report.pages += 1
+        for document in page:
+            _export_one(document, out_root, split_aliases, report)
+
+    report.seconds = time.perf_counter() - started
+    logger.info("export to %s finished: %s", out_root, report.summary())
+    return report
+
+
+def _export_one(document: dict[str, Any], out_root: Path, aliases: Mapping[str, str], report: ExportReport) -> None:
+    raw_id = document.get("_id")
+    aid = str(raw_id) if raw_id is not None else ""
+    try:
+        check_safe_id(aid)
+        split = normalize_split(document.get("split"), aliases)
+        target = safe_join(out_root, split, f"{aid}.json")
+    except (UnsafePathError, ValueError) as error:
+        report.failures.append(ExportFailure(aid=repr(aid) if aid else "<no _id>", reason=str(error)))
+        return
+
+    if not has_images(document):
+        report.skipped_no_images.append(aid)
+        return
+
+    for other in SPLITS:
+        if other != split:
+            stale = out_root / other / f"{aid}.json"
+            if stale.exists():
+                stale.unlink()
+                report.moved_between_splits += 1
+
+    document = dict(document)
+    document["split"] = split
+    if write_json_if_changed(target, document):
+        report.written += 1
+    else:
+        report.unchanged += 1
+    report.per_split[split] += 1
+    report.items.append((split, aid))

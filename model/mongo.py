@@ -1,0 +1,70 @@
+"""MongoDB connections: URI redaction and the embedded SecantusDB server.
+
+Production points ``NEWSLXMERT_MONGO_URI`` (or another variable) at any MongoDB. With no
+URI configured, :class:`EmbeddedMongo` starts SecantusDB, a MongoDB-wire-compatible
+server, in this process on 127.0.0.1 with its files under the data root.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+logger = logging.getLogger(__name__)
+
+_CREDENTIALS_IN_TEXT = re.compile(r"(mongodb(?:\+srv)?://)([^@/\s]+)@", re.IGNORECASE)
+
+
+def redact_uri(uri: str) -> str:
+    """Return ``uri`` with its password replaced by ``***`` (the user name is kept)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def redact_text(text: str) -> str:
+    """Redact every MongoDB URI credential inside free text, such as an exception message."""
+
+    def _replace(match: re.Match[str]) -> str:
+        user = match.group(2).split(":", 1)[0]
+        return f"{match.group(1)}{user}:***@"
+
+    return _CREDENTIALS_IN_TEXT.sub(_replace, text)
+
+
+class EmbeddedMongo:
+    """A SecantusDB server in this process, listening on 127.0.0.1 on a free port.
+
+    Use as a context manager; ``uri`` is valid between enter and exit. Data persists in
+    ``storage_path`` across restarts.
+    """
+
+    def __init__(self, storage_path: Path | str):
+        self.storage_path = Path(storage_path)
+        self._server = None
+
+    def __enter__(self) -> "EmbeddedMongo":
+        from secantus import SecantusDBServer
+
+        self.storage_path.mkdir(parents=True, exist_ok=True)
+        self._server = SecantusDBServer(storage_path=str(self.storage_path), host="127.0.0.1", port=0)
+        self._server.__enter__()
+        logger.info("started embedded SecantusDB at %s with data in %s", self.uri, self.storage_path)
+        return self
+
+    @property
+    def uri(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the embedded MongoDB server is not running; use EmbeddedMongo as a context manager")
+        return self._server.uri
+
+    def __exit__(self, *exc_info) -> None:
+        if self._server is not None:
+            self._server.__exit__(*exc_info)
+            logger.info("stopped embedded SecantusDB with data in %s", self.storage_path)
+            self._server = None

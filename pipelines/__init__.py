@@ -1,0 +1,1 @@
+"""The Dagster code location: definitions, resources, schedules, sensors and jobs."""
