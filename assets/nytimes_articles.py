@@ -9,8 +9,8 @@ import datetime as dt
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from assets.partitions import nytimes_daily_partitions
-from model.export import DEFAULT_SPLIT_ALIASES, NYTIMES_EXPORT_FIELDS, export_documents
+from assets.partitions import BACKFILL_POLICY, nytimes_daily_partitions
+from model.export import DEFAULT_SPLIT_ALIASES, NYTIMES_EXPORT_FIELDS, export_documents, merge_reports
 from model.manifest import write_manifest
 from pipelines.resources import MongoResource, PipelineSettings
 
@@ -33,6 +33,8 @@ def publication_day_query(partition_key: str) -> dict:
     key=["nytimes800k", "articles"],
     group_name="nytimes800k",
     partitions_def=nytimes_daily_partitions,
+    backfill_policy=BACKFILL_POLICY,
+    code_version="1",
     kinds={"mongodb", "json"},
     description=(
         "NYTimes800k articles exported from MongoDB to <data_root>/nytimes800k/articles/<split>/<aid>.json, "
@@ -45,25 +47,26 @@ def nytimes800k_articles(
     settings: PipelineSettings,
     nytimes_mongo: MongoResource,
 ):
-    partition = context.partition_key if context.has_partition_key else None
-    query = publication_day_query(partition) if partition else {}
     out_root = settings.dataset_root("nytimes800k") / "articles"
-    context.log.info("exporting %s (partition %s) to %s", nytimes_mongo.describe(), partition or "all", out_root)
-
+    partitions = context.partition_keys if context.has_partition_key_range or context.has_partition_key else [None]
+    reports = []
     with nytimes_mongo.open_collection() as collection:
-        report = export_documents(
-            collection,
-            out_root,
-            query=query,
-            fields=NYTIMES_EXPORT_FIELDS,
-            split_aliases=config.split_aliases,
-            page_size=config.page_size,
-        )
-
-    manifest = {"articles": [list(item) for item in sorted(report.items)]}
-    write_manifest(settings.dataset_root("nytimes800k"), "articles", partition, manifest)
-    for failure in report.failures:
-        context.log.warning("document %s not exported: %s", failure.aid, failure.reason)
+        for partition in partitions:
+            context.log.info("exporting %s (partition %s) to %s", nytimes_mongo.describe(), partition or "all", out_root)
+            report = export_documents(
+                collection,
+                out_root,
+                query=publication_day_query(partition) if partition else {},
+                fields=NYTIMES_EXPORT_FIELDS,
+                split_aliases=config.split_aliases,
+                page_size=config.page_size,
+            )
+            manifest = {"articles": [list(item) for item in sorted(report.items)]}
+            write_manifest(settings.dataset_root("nytimes800k"), "articles", partition, manifest)
+            for failure in report.failures:
+                context.log.warning("document %s not exported: %s", failure.aid, failure.reason)
+            reports.append(report)
+    report = merge_reports(reports)
 
     summary = report.summary()
     return MaterializeResult(
@@ -79,6 +82,7 @@ def nytimes800k_articles(
             "seconds": summary["seconds"],
             "documents_per_second": summary["documents_per_second"],
             "path": MetadataValue.path(str(out_root)),
+            "partitions": len(partitions),
             "source": nytimes_mongo.describe(),
         }
     )

@@ -103,3 +103,8 @@ def iter_articles(articles_root: Path | str, items: list[tuple[str, str]] | None
         ]
     for split, aid in items:
         yield split, load_article(articles_root, split, aid)
+
+
+# The article folder whose documents carry the text a model reads: NewsImages articles
+# are read after translation, which adds title_en and text_en.
+TEXT_STAGE = {"nytimes800k": "articles", "newsimages": "translated_articles"}

@@ -90,6 +90,23 @@ class ExportReport:
         }
 
 
+def merge_reports(reports: list[ExportReport]) -> ExportReport:
+    """Combine the reports of several partitions into one."""
+    merged = ExportReport()
+    for report in reports:
+        merged.per_split.update(report.per_split)
+        merged.items.extend(report.items)
+        merged.written += report.written
+        merged.unchanged += report.unchanged
+        merged.skipped_no_images.extend(report.skipped_no_images)
+        merged.failures.extend(report.failures)
+        merged.moved_between_splits += report.moved_between_splits
+        merged.stale_temporaries_removed += report.stale_temporaries_removed
+        merged.pages += report.pages
+        merged.seconds += report.seconds
+    return merged
+
+
 def iter_documents_by_id_range(
     collection,
     query: Mapping[str, Any] | None = None,
