@@ -1,0 +1,63 @@
+"""Shared fixtures: an isolated Dagster home, a real SecantusDB server, the shared test data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def isolated_dagster_home(tmp_path_factory, monkeypatch):
+    """Give every test its own DAGSTER_HOME and keep the user's environment out of tests."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.delenv("NEWSLXMERT_MONGO_URI", raising=False)
+    monkeypatch.delenv("NEWSLXMERT_DATA_ROOT", raising=False)
+    monkeypatch.delenv("NEWSLXMERT_PROFILE", raising=False)
+    return home
+
+
+@pytest.fixture
+def mongo_server(tmp_path):
+    """A real SecantusDB server on 127.0.0.1 with its files in a temporary folder."""
+    from model.mongo import EmbeddedMongo
+
+    with EmbeddedMongo(tmp_path / "secantus") as server:
+        yield server
+
+
+@pytest.fixture
+def mongo_client(mongo_server):
+    from pymongo import MongoClient
+
+    client = MongoClient(mongo_server.uri)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real news data beside the repository; tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA}; place the shared/ folder beside the repository")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """Keep each test on one thread: CI has two cores and tests run one at a time."""
+    try:
+        import torch
+    except ImportError:
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
