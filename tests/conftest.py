@@ -50,10 +50,8 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def single_torch_thread():
     """Keep each test on one thread: CI has two cores and tests run one at a time."""
-    try:
-        import torch
-    except ImportError:
-        return
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
