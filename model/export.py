@@ -107,6 +107,11 @@ def merge_reports(reports: list[ExportReport]) -> ExportReport:
     return merged
 
 
+# BSON type groups that ``_id`` values may have. A range query such as ``{"$gt": x}`` only
+# matches values of x's type group, so paging walks each group separately.
+ID_TYPE_GROUPS = ("number", "string", "objectId", "date", "binData", "bool", "object")
+
+
 def iter_documents_by_id_range(
     collection,
     query: Mapping[str, Any] | None = None,
@@ -120,18 +125,19 @@ def iter_documents_by_id_range(
     """
     if page_size < 1:
         raise ValueError(f"page_size must be at least 1, got {page_size}")
-    last_id = None
-    while True:
-        page_query = dict(query or {})
-        if last_id is not None:
-            page_query = {"$and": [page_query, {"_id": {"$gt": last_id}}]} if page_query else {"_id": {"$gt": last_id}}
-        page = list(collection.find(page_query, projection).sort("_id", 1).limit(page_size))
-        if not page:
-            return
-        yield page
-        last_id = page[-1]["_id"]
-        if len(page) < page_size:
-            return
+    for type_group in ID_TYPE_GROUPS:
+        last_id = None
+        while True:
+            id_filter: dict[str, Any] = {"$type": type_group}
+            if last_id is not None:
+                id_filter["$gt"] = last_id
+            page_query = {"$and": [dict(query), {"_id": id_filter}]} if query else {"_id": id_filter}
+            page = list(collection.find(page_query, projection).sort("_id", 1).limit(page_size))
+            if page:
+                yield page
+                last_id = page[-1]["_id"]
+            if len(page) < page_size:
+                break
 
 
 def normalize_split(value: Any, aliases: Mapping[str, str]) -> str:
@@ -194,7 +200,7 @@ def _export_one(document: dict[str, Any], out_root: Path, aliases: Mapping[str, 
         split = normalize_split(document.get("split"), aliases)
         target = safe_join(out_root, split, f"{aid}.json")
     except (UnsafePathError, ValueError) as error:
-        report.failures.append(ExportFailure(aid=repr(aid) if aid else "<no _id>", reason=str(error)))
+        report.failures.append(ExportFailure(aid=aid if aid else "<empty _id>", reason=str(error)))
         return
 
     if not has_images(document):
