@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 DEFAULT_SPLIT_ALIASES = {"val": "valid", "validation": "valid", "dev": "valid"}
 
-# Fields of a NYTimes800k document that later stages read (DESIGN: formats).
+# Fields of a NYTimes800k document that later stages read; the export drops the rest.
 NYTIMES_EXPORT_FIELDS = (
     "_id",
     "split",
