@@ -1,0 +1,114 @@
+"""The tiny LXMERT of the ``tiny`` profile: a small, randomly initialised LXMERT and a WordPiece
+tokenizer trained on the corpus, saved with ``save_pretrained`` so that training loads them
+through the same code path as ``unc-nlp/lxmert-base-uncased``.
+
+The folder ``<data_root>/models/tiny/lxmert/`` is built on first use and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+logger = logging.getLogger(__name__)
+
+# Sized so that a few hundred demo pairs train in seconds per epoch on one CPU core.
+TINY_LXMERT_SETTINGS = {
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+    "l_layers": 2,
+    "r_layers": 2,
+    "x_layers": 2,
+    "max_position_embeddings": 128,
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+}
+TINY_VOCAB_SIZE = 2000
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] is id 0, as LXMERT's embeddings expect
+
+
+def tiny_lxmert_folder(data_root: str | Path) -> Path:
+    return Path(data_root) / "models" / "tiny" / "lxmert"
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE, model_max_length: int = 128):
+    """Train a lower-casing BERT-style WordPiece tokenizer on ``texts``; returns a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import LxmertTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    return LxmertTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=model_max_length,
+    )
+
+
+def build_tiny_lxmert(folder: str | Path, texts: Iterable[str], visual_feat_dim: int, seed: int = 0) -> Path:
+    """Write a tiny transformers LXMERT and its tokenizer to ``folder`` (replaced atomically)."""
+    import torch
+    from transformers import LxmertConfig, LxmertForPreTraining
+
+    folder = Path(folder)
+    tokenizer = train_wordpiece_tokenizer(texts)
+    config = LxmertConfig(
+        vocab_size=len(tokenizer),
+        visual_feat_dim=int(visual_feat_dim),
+        task_qa=False,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_LXMERT_SETTINGS,
+    )
+    torch.manual_seed(seed)
+    model = LxmertForPreTraining(config)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        # Another process may have finished first; its folder is as good as ours.
+        if not folder.exists():
+            os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("built the tiny LXMERT (vocabulary %d, visual_feat_dim %d) in %s", len(tokenizer), visual_feat_dim, folder)
+    return folder
+
+
+def ensure_tiny_lxmert(data_root: str | Path, texts: Callable[[], Iterable[str]], visual_feat_dim: int) -> Path:
+    """Return the tiny LXMERT folder, building it from ``texts()`` on first use.
+
+    Raises ValueError when the folder exists but was built for another feature dimension.
+    """
+    folder = tiny_lxmert_folder(data_root)
+    if not (folder / "config.json").is_file():
+        build_tiny_lxmert(folder, texts(), visual_feat_dim)
+    built_dim = json.loads((folder / "config.json").read_text(encoding="utf-8"))["visual_feat_dim"]
+    if int(built_dim) != int(visual_feat_dim):
+        raise ValueError(
+            f"the tiny LXMERT in {folder} was built for {built_dim}-dimensional region features but the feature "
+            f"store holds {visual_feat_dim}-dimensional ones; delete {folder} to rebuild it"
+        )
+    return folder
