@@ -59,3 +59,26 @@ def single_torch_thread():
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_facenet_file(tmp_path_factory) -> Path:
+    """Random tiny-profile FaceNet weights (about 90 MB), built once per test session."""
+    from model.faces import ensure_tiny_facenet
+
+    return ensure_tiny_facenet(tmp_path_factory.mktemp("tiny_facenet_root"))
+
+
+@pytest.fixture
+def link_tiny_facenet(tiny_facenet_file):
+    """Return a function that makes the session's tiny FaceNet weights the tiny weights of a data root."""
+    from model.faces import tiny_facenet_path
+
+    def link(data_root: Path) -> Path:
+        target = tiny_facenet_path(data_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(tiny_facenet_file)
+        return target
+
+    return link
