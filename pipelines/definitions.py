@@ -1,18 +1,43 @@
-"""The code location that ``dagster dev`` and ``dagster asset materialize`` load."""
+"""The code location that ``dagster dev`` and ``dagster asset materialize`` load.
+
+Every asset and asset check in the ``assets`` package is loaded automatically; the jobs
+are built from them (``pipelines.jobs``), and the schedule and sensors target those jobs.
+The executor comes from ``NEWSLXMERT_EXECUTOR`` (``pipelines.executors``).
+"""
 
 from __future__ import annotations
 
 from dagster import Definitions, load_asset_checks_from_package_module, load_assets_from_package_module
 
 import assets
+from pipelines.executors import executor_from_env
+from pipelines.jobs import NEWSIMAGES_ARTICLE_STAGES_JOB, NYTIMES_ARTICLE_STAGES_JOB, build_jobs
 from pipelines.resources import MongoResource, PipelineSettings
+from pipelines.schedules import build_nytimes_daily_schedule
+from pipelines.sensors import build_newsimages_new_batches_sensor, build_nytimes_new_articles_sensor
+
+all_assets = load_assets_from_package_module(assets)
+all_asset_checks = load_asset_checks_from_package_module(assets)
+jobs = build_jobs(all_assets)
+
+schedules = []
+sensors = []
+if NYTIMES_ARTICLE_STAGES_JOB in jobs:
+    schedules.append(build_nytimes_daily_schedule(jobs[NYTIMES_ARTICLE_STAGES_JOB]))
+    sensors.append(build_nytimes_new_articles_sensor(NYTIMES_ARTICLE_STAGES_JOB))
+if NEWSIMAGES_ARTICLE_STAGES_JOB in jobs:
+    sensors.append(build_newsimages_new_batches_sensor(NEWSIMAGES_ARTICLE_STAGES_JOB))
 
 defs = Definitions(
-    assets=load_assets_from_package_module(assets),
-    asset_checks=load_asset_checks_from_package_module(assets),
+    assets=all_assets,
+    asset_checks=all_asset_checks,
+    jobs=list(jobs.values()),
+    schedules=schedules,
+    sensors=sensors,
     resources={
         "settings": PipelineSettings(),
         "nytimes_mongo": MongoResource(database="nytimes", collection="articles"),
         "newsimages_mongo": MongoResource(database="newsimages", collection="articles"),
     },
+    executor=executor_from_env(),
 )
