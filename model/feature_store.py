@@ -329,29 +329,48 @@ class FeatureStore:
     def _ensure_open(self, write_index: bool = False) -> None:
         if self._index is not None:
             return
-        self._schema = self._read_schema_file() or {}
-        paths = self._shard_paths()
-        shards = []
-        for path in paths:
+        # A concurrent compact() may delete shards between listing and opening them; the
+        # listing is then taken again.
+        for attempt in range(5):
             try:
-                table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-            except (pa.ArrowInvalid, OSError) as error:
-                raise FeatureStoreError(
-                    f"{path}: unreadable feature store shard ({error}); delete this shard and rerun the stage that wrote it"
-                ) from None
+                shards = [self._open_shard(path) for path in self._shard_paths()]
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+        self._schema = self._read_schema_file() or {}
+        for shard in shards:
+            table = shard.table
             for name, spec in self._schema.items():
                 if name not in table.column_names or table.schema.field(name).type != _arrow_type(spec):
-                    raise FeatureStoreError(f"{path}: field {name!r} does not match {self.folder / SCHEMA_FILE}")
-            shards.append(_Shard(path.name, table))
+                    raise FeatureStoreError(
+                        f"{self.folder / SHARD_DIR / shard.name}: field {name!r} does not match {self.folder / SCHEMA_FILE}"
+                    )
         self._shards = shards
         self._index = self._load_or_build_index(shards, write_index)
+
+    @staticmethod
+    def _open_shard(path: Path) -> _Shard:
+        try:
+            # The table's buffers keep the mapping alive after the file handle is closed,
+            # so a store with thousands of shards does not hold thousands of descriptors.
+            with pa.memory_map(str(path), "r") as source:
+                table = ipc.open_file(source).read_all()
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowInvalid, OSError) as error:
+            raise FeatureStoreError(
+                f"{path}: unreadable feature store shard ({error}); delete this shard and rerun the stage that wrote it"
+            ) from None
+        return _Shard(path.name, table)
 
     def _load_or_build_index(self, shards: list[_Shard], write_index: bool) -> dict[str, tuple[int, int]]:
         names = [shard.name for shard in shards]
         index_path = self.folder / INDEX_FILE
         if index_path.exists():
             try:
-                table = ipc.open_file(pa.memory_map(str(index_path), "r")).read_all()
+                with pa.memory_map(str(index_path), "r") as source:
+                    table = ipc.open_file(source).read_all()
                 covered = json.loads(table.schema.metadata[b"newslxmert.shards"].decode())
                 if covered == names:
                     keys = table.column("key").to_pylist()

@@ -238,3 +238,27 @@ def to_tensor_rgb(image: Image.Image) -> "torch.Tensor":
     array = to_array(image, "RGB")
     return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)  # (3, H, W)
 
+
+
+def to_tensor_uint8(image: Image.Image) -> "torch.Tensor":
+    """Return an RGB image as a uint8 tensor [3, H, W] (4x smaller than float to send between processes)."""
+    import torch
+
+    return torch.from_numpy(to_array(image, "RGB").copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def probe_size(path: Path | str) -> tuple[int, int] | None:
+    """Return the upright (width, height) from the file header without decoding pixels, or None.
+
+    Used to order images by size before batching; a None here is reported when the
+    image is actually decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                orientation = _exif_orientation(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
