@@ -2,8 +2,14 @@
 
 Entry point for the training command line's ``--test`` and for the evaluation assets::
 
+    model, tokenizer = load_evaluation_model(checkpoint_folder, device)
+    pools = {
+        split: build_pool(split, load_index(parquet_path), size, articles=..., regions=...,
+                          faces=..., tokenizer=tokenizer, data_config=PairDatasetConfig(...))
+        for split, size in DEFAULT_POOL_SIZES.items()
+    }
     report = evaluate_checkpoint(
-        model,                      # NewsLxmertForPreTraining (or anything with the four methods below)
+        model,                      # NewsLxmertForPreTraining, or anything with the four methods below
         pools,                      # {"test": EvaluationPool, "valid": EvaluationPool}
         output_dir,                 # e.g. <data_root>/<dataset>/evaluation
         settings=ScoringSettings(), # method "fast" (default) or "naive", batch sizes
@@ -12,17 +18,15 @@ Entry point for the training command line's ``--test`` and for the evaluation as
     )
     print(report.table_markdown)
 
-Build each pool with ``pool_from_batch(split, items, batch)`` from the model inputs of the
-selected ``(aid, iid)`` pairs (``select_pool`` picks them from a split's index), where
-``batch`` is a mapping with the standard input names (``input_ids``, ``attention_mask``,
-``token_type_ids``, ``visual_feats``, ``visual_pos``, and ``face_feats``/``face_mask``
-when faces are on).
+``build_pool`` reads texts, regions and faces through ``model.dataset.NewsPairDataset``
+with the lookups that training uses. ``pool_from_batch`` builds a pool from tensors that
+are already collated under the standard input names.
 
-Scoring follows the retrieval protocol of NewsLXMERT: for a pool of N pairs, every image
-is scored against every text with the match probability softmax(logits)[1]. Image to text
-ranks the N texts for each image, text to image ranks the N images for each text. A
-rank is 0-based and counts every other candidate whose score is greater than or equal
-to the true partner's, so ties never favour the true item.
+For a pool of N pairs, every image is scored against every text with the match
+probability softmax(logits)[1]. Image to text ranks the N texts for each image, text to
+image ranks the N images for each text. A rank is 0-based and counts every other
+candidate whose score is greater than or equal to the true partner's, so ties never
+favour the true item.
 
 The model must provide:
 
@@ -57,8 +61,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_RECALL_KS = (1, 5, 10, 20, 50, 100)
 MRR_CUTOFF = 100
 DEFAULT_POOL_SIZES = {"test": 1000, "valid": 500}
-# The original NewsLXMERT evaluation scored pools of 1,024 items.
-ORIGINAL_POOL_SIZE = 1024
+# The original NewsLXMERT code (src/lxmert.py, src/lxmert_metrics.py) requests 1,000 test
+# and 500 valid items but takes whole batches of 64, so it scores 1,024 and 512.
+ORIGINAL_POOL_SIZES = {"test": 1024, "valid": 512}
 DIRECTIONS = ("image_to_text", "text_to_image")
 DIRECTION_LABELS = {"image_to_text": "image → text", "text_to_image": "text → image"}
 
@@ -149,38 +154,64 @@ def random_baseline(n_candidates: int, ks: Sequence[int] = DEFAULT_RECALL_KS, mr
 # Pools
 
 
-def read_index_parquet(path: Path | str) -> list[tuple[str, int]]:
-    """Read a split index's Parquet twin as ``(aid, iid)`` pairs in the order of its key ``i``.
-
-    The Parquet file is read instead of the pickle because unpickling runs code from the file.
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"index file {path} not found; materialize the dataset's index asset first")
-    table = pq.read_table(path)
-    missing = {"aid", "iid"} - set(table.column_names)
-    if missing:
-        raise ValueError(f"index file {path} lacks the column(s) {sorted(missing)}; it has {table.column_names}")
-    aids = [str(aid) for aid in table.column("aid").to_pylist()]
-    iids = [int(iid) for iid in table.column("iid").to_pylist()]
-    order = table.column("i").to_pylist() if "i" in table.column_names else list(range(len(aids)))
-    return [(aids[position], iids[position]) for position in np.argsort(np.asarray(order), kind="stable")]
-
-
 @dataclasses.dataclass(frozen=True)
 class PoolSelection:
-    """Which index items form a pool, and why others were passed over."""
+    """The index pairs chosen for a pool, and the counts of those passed over."""
 
     items: list[tuple[str, int]]
     requested: int | None
-    available: int
+    available: int  # pairs in the split's index
     skipped_same_article: int
+    failures: tuple[tuple[str, int, str], ...] = ()  # (aid, iid, reason) of pairs whose inputs failed to load
 
     @property
     def complete(self) -> bool:
         return self.requested is None or len(self.items) == self.requested
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "size": len(self.items),
+            "requested": self.requested,
+            "available": self.available,
+            "skipped_same_article": self.skipped_same_article,
+            "failed": len(self.failures),
+            "failed_examples": [list(failure) for failure in self.failures[:10]],
+        }
+
+
+def _walk_index(
+    index_items: Sequence[tuple[str, int]],
+    size: int | None,
+    distinct_articles: bool,
+    load: Callable[[int], Any] | None = None,
+) -> tuple[PoolSelection, list[Any]]:
+    """Take pairs in index order until ``size`` are chosen; ``load(position)`` may raise to skip one."""
+    if size is not None and size < 2:
+        raise ValueError(f"a retrieval pool needs at least 2 items, got pool size {size}")
+    chosen: list[tuple[str, int]] = []
+    loaded: list[Any] = []
+    failures: list[tuple[str, int, str]] = []
+    seen_articles: set[str] = set()
+    skipped = 0
+    for position, (aid, iid) in enumerate(index_items):
+        if size is not None and len(chosen) == size:
+            break
+        aid, iid = str(aid), int(iid)
+        if distinct_articles and aid in seen_articles:
+            skipped += 1
+            continue
+        if load is not None:
+            try:
+                loaded.append(load(position))
+            except (KeyError, IndexError, FileNotFoundError, ValueError) as error:
+                failures.append((aid, iid, str(error)))
+                continue
+        seen_articles.add(aid)
+        chosen.append((aid, iid))
+    selection = PoolSelection(
+        items=chosen, requested=size, available=len(index_items), skipped_same_article=skipped, failures=tuple(failures)
+    )
+    return selection, loaded
 
 
 def select_pool(index_items: Sequence[tuple[str, int]], size: int | None, *, distinct_articles: bool = True) -> PoolSelection:
@@ -193,20 +224,8 @@ def select_pool(index_items: Sequence[tuple[str, int]], size: int | None, *, dis
     nothing is skipped there. A split with fewer pairs gives a smaller pool, and
     ``complete`` is then False so the caller can report it.
     """
-    if size is not None and size < 2:
-        raise ValueError(f"a retrieval pool needs at least 2 items, got pool size {size}")
-    chosen: list[tuple[str, int]] = []
-    seen_articles: set[str] = set()
-    skipped = 0
-    for aid, iid in index_items:
-        if size is not None and len(chosen) == size:
-            break
-        if distinct_articles and aid in seen_articles:
-            skipped += 1
-            continue
-        seen_articles.add(aid)
-        chosen.append((str(aid), int(iid)))
-    return PoolSelection(items=chosen, requested=size, available=len(index_items), skipped_same_article=skipped)
+    selection, _ = _walk_index(index_items, size, distinct_articles)
+    return selection
 
 
 @dataclasses.dataclass
@@ -265,7 +284,7 @@ class EvaluationPool:
         return len(self.items)
 
     def fingerprint(self) -> str:
-        """A hash of the split and item list, to tell whether saved scores belong to this pool."""
+        """Hash the split and item list, to tell whether saved scores belong to this pool."""
         return hashlib.sha256(json.dumps([self.split, self.items]).encode("utf-8")).hexdigest()[:16]
 
 
@@ -274,7 +293,7 @@ def pool_from_batch(
 ) -> EvaluationPool:
     """Build a pool from collated model inputs with the standard names.
 
-    ``batch`` holds ``input_ids``, ``attention_mask``, ``token_type_ids`` (N, T),
+    ``batch`` contains ``input_ids``, ``attention_mask``, ``token_type_ids`` (N, T),
     ``visual_feats`` (N, 36, D), ``visual_pos`` (N, 36, 4) and optionally ``face_feats``
     (N, 10, 512) with ``face_mask`` (N, 10). Other keys, such as labels, are ignored.
     """
@@ -295,6 +314,81 @@ def pool_from_batch(
     texts = TextInputs(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
     visuals = VisualInputs(batch["visual_feats"], batch["visual_pos"], face_feats, face_mask)
     return EvaluationPool(split=split, items=[(str(a), int(i)) for a, i in items], texts=texts, visuals=visuals, selection=selection)
+
+
+def build_pool(
+    split: str,
+    index_items: Sequence[tuple[str, int]],
+    size: int | None,
+    *,
+    articles: Callable[[str], Any],
+    regions: Callable[[str], Mapping[str, Any]],
+    tokenizer,
+    data_config,
+    faces: Callable[[str], Mapping[str, Any]] | None = None,
+    distinct_articles: bool = True,
+) -> EvaluationPool:
+    """Load the model inputs of the first ``size`` usable pairs of a split's index.
+
+    Texts, regions and faces come from ``model.dataset.NewsPairDataset`` with the
+    lookups and ``data_config`` (a ``PairDatasetConfig``: dataset, mode, max_seq_len,
+    use_faces) that training uses, without masking or negatives. A pair whose article,
+    regions or faces fail to load is recorded in ``selection.failures`` and the next
+    pair of the index takes its place.
+    """
+    from model.dataset import NewsPairDataset, collate_samples
+
+    if not index_items:
+        raise ValueError(f"the {split} index is empty; there is nothing to evaluate")
+    # Sample building reads only the lookups below, so negatives are switched off: they
+    # would need two articles and play no part here.
+    dataset = NewsPairDataset(
+        index_items,
+        articles,
+        regions,
+        tokenizer,
+        dataclasses.replace(data_config, negative_ratio=0.0),
+        faces=faces,
+        fixed_epoch=0,
+    )
+
+    def load(position: int) -> dict[str, np.ndarray]:
+        text = dataset.text(position)
+        found = dataset.image_regions(position)
+        sample = {
+            "input_ids": text.input_ids,
+            "labels": np.full(len(text.input_ids), -100, dtype=np.int64),
+            "visual_feats": found["roi_features"],
+            "visual_pos": found["normalized_boxes"],
+        }
+        if data_config.use_faces:
+            sample["face_feats"], sample["face_mask"] = dataset.image_faces(position)
+        return sample
+
+    selection, samples = _walk_index(index_items, size, distinct_articles, load)
+    for aid, iid, reason in selection.failures[:10]:
+        logger.warning("pool %s: pair (%s, %s) left out: %s", split, aid, iid, reason)
+    if len(samples) < 2:
+        raise ValueError(
+            f"pool {split!r}: only {len(samples)} of {len(index_items)} pairs could be loaded "
+            f"({len(selection.failures)} failed, first: {selection.failures[:1]}); a pool needs at least 2"
+        )
+    batch = collate_samples(samples, pad_token_id=tokenizer.pad_token_id or 0)
+    return pool_from_batch(split, selection.items, batch, selection)
+
+
+def load_evaluation_model(folder: Path | str, device: torch.device | str = "cpu"):
+    """Load a checkpoint folder written by training: the model (in eval mode) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from model.modeling import NewsLxmertForPreTraining
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no model checkpoint in {folder} (config.json missing); train the model first")
+    model = NewsLxmertForPreTraining.from_pretrained(folder).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------
@@ -323,7 +417,7 @@ class CrossEncoder(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class ScoringSettings:
-    """How a pool's N x N scores are computed."""
+    """Settings of the N x N scoring of a pool."""
 
     method: str = "fast"  # "fast": per-item encoders once, cross layers per pair; "naive": every layer per pair
     pair_batch_size: int = 128  # pairs per cross-encoder call
@@ -366,7 +460,7 @@ def _pair_chunks(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (image index, text index) batches covering all pairs, text-major in ``text_order``.
 
-    Consecutive pairs share a text, so with texts sorted by length a batch holds texts of
+    Consecutive pairs share a text, so with texts sorted by length a batch contains texts of
     similar length and trimming removes most padding.
     """
     total = n_images * n_texts
@@ -588,7 +682,7 @@ def results_from_scores(
     method: str = "fast",
     selection: PoolSelection | None = None,
 ) -> PoolResult:
-    """Rank both directions of an (images, texts) score matrix whose diagonal holds the true pairs."""
+    """Rank both directions of an (images, texts) score matrix with the true pairs on its diagonal."""
     scores = _as_numpy(scores).astype(np.float32, copy=False)
     if scores.shape != (len(items), len(items)):
         raise ValueError(f"pool {split!r}: scores have shape {scores.shape}, expected ({len(items)}, {len(items)})")

@@ -9,7 +9,6 @@ from model.evaluation import (
     DEFAULT_RECALL_KS,
     random_baseline,
     ranks_from_scores,
-    read_index_parquet,
     results_from_scores,
     retrieval_metrics,
     select_pool,
@@ -167,18 +166,3 @@ def test_select_pool_smaller_split_is_reported():
     assert selection.available == 2
     with pytest.raises(ValueError, match="at least 2"):
         select_pool([("a", 0)], 1)
-
-
-def test_read_index_parquet_orders_by_key(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = tmp_path / "test.parquet"
-    pq.write_table(pa.table({"i": [2, 0, 1], "aid": ["c", "a", "b"], "iid": [0, 1, 0]}), path)
-    assert read_index_parquet(path) == [("a", 1), ("b", 0), ("c", 0)]
-
-    with pytest.raises(FileNotFoundError, match="index asset"):
-        read_index_parquet(tmp_path / "missing.parquet")
-    pq.write_table(pa.table({"aid": ["a"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match="iid"):
-        read_index_parquet(tmp_path / "bad.parquet")
