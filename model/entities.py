@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from model.documents import article_images
-from model.storage import check_safe_id, canonical_json, remove_stale_temporaries, safe_join, write_json_if_changed
+from model.storage import canonical_json, check_safe_id, safe_join, write_json_if_changed
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def load_spacy(name: str):
 
 
 def spacy_model_id(nlp) -> str:
-    """Pipeline name and version as stored in the output, for example ``en_core_web_sm 3.8.0``."""
+    """Return the pipeline name and version as stored in the output, for example ``en_core_web_sm 3.8.0``."""
     meta = nlp.meta
     return f"{meta.get('lang', '')}_{meta.get('name', '')} {meta.get('version', '')}".strip()
 
@@ -105,7 +105,7 @@ def _raw_spans(holder: Mapping[str, Any] | None) -> list[dict] | None:
 
 
 def article_fields(document: Mapping[str, Any]) -> list[TextField]:
-    """Every text the model may read from ``document``, with the document's own spans."""
+    """Return every text the model may read from ``document``, with the document's own spans."""
     if "image_positions" in document:
         fields = []
         headline = document.get("headline") or {}
@@ -165,8 +165,8 @@ class SpanCheck:
 def align_document_spans(text: str, spans: Iterable[Any], where: str, check: SpanCheck) -> list[dict]:
     """Map spans given relative to ``text.strip()`` (or to ``text``) onto ``text``.
 
-    A span is kept when its ``text`` equals the characters it points at; the others are
-    counted in ``check`` with a reason, so nothing is dropped silently.
+    A span is kept when its ``text`` equals the characters it points at. The others are
+    counted in ``check`` with a reason, so that nothing is dropped silently.
     """
     shift = len(text) - len(text.lstrip())
     aligned = []
@@ -218,7 +218,7 @@ def join_with_spans(pieces: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], s
 
 @dataclasses.dataclass
 class EntityReport:
-    """What one run of the entities stage did."""
+    """Counts and timings of one run of the entities stage."""
 
     items: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (split, aid) with an entities file
     written: int = 0
@@ -262,7 +262,7 @@ def entities_path(entities_root: Path | str, aid: str) -> Path:
 
 
 def _fingerprint(fields: list[TextField], spacy_model: str) -> str:
-    """Hash of the inputs; the spaCy model counts only when some field needs it."""
+    """Hash the inputs of one article; the spaCy model counts only when some field needs it."""
     needs_spacy = any(field.document_spans is None and field.text.strip() for field in fields)
     payload = {
         "fields": [[field.name, field.iid, field.text, field.document_spans] for field in fields],
@@ -359,8 +359,8 @@ def extract_entities(
     from model.documents import load_article
 
     entities_root = Path(entities_root)
+    # Temporary files of killed runs stay: another partition's run may be writing into this folder.
     entities_root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(entities_root)
     annotator = annotator or EntityAnnotator(spacy_model, batch_size=batch_size)
     report = EntityReport()
     started = time.perf_counter()

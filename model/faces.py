@@ -49,7 +49,7 @@ import torch
 
 from model.feature_store import FeatureStore
 from model.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
-from model.storage import atomic_write_bytes, check_safe_id, remove_stale_temporaries, safe_join
+from model.storage import atomic_write_bytes, check_safe_id, safe_join
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class FaceConfig:
 
 
 def torch_home() -> Path:
-    """The folder facenet-pytorch caches downloads in: ``$TORCH_HOME`` or ``~/.cache/torch``."""
+    """Return the folder facenet-pytorch caches downloads in: ``$TORCH_HOME`` or ``~/.cache/torch``."""
     default = os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")
     return Path(os.path.expanduser(os.getenv("TORCH_HOME", default)))
 
@@ -161,7 +161,7 @@ def resolve_facenet_weights(weights: str | None, profile: str, data_root: Path |
         candidates = [path / TINY_FACENET_FILE] if (path / TINY_FACENET_FILE).is_file() else sorted(path.glob("*.pt"))
         if len(candidates) != 1:
             raise FaceNetWeightsNotFoundError(
-                f"FaceNet weights folder {path} holds {len(candidates)} .pt files; it needs {TINY_FACENET_FILE} "
+                f"FaceNet weights folder {path} contains {len(candidates)} .pt files but needs {TINY_FACENET_FILE} "
                 f"or exactly one .pt file. Set {FACENET_WEIGHTS_SETTING} to the file itself."
             )
         path = candidates[0]
@@ -221,7 +221,7 @@ class FaceResult:
         return int(self.embeddings.shape[0])
 
     def to_record(self, key: str, max_faces: int, model_id: str) -> dict[str, Any]:
-        """A fixed-shape store record, zero-padded to ``max_faces``."""
+        """Build a fixed-shape store record, zero-padded to ``max_faces``."""
         n = self.n_faces
         if n > max_faces:
             raise ValueError(f"image {key}: {n} faces do not fit max_faces={max_faces}")
@@ -321,9 +321,9 @@ class FaceExtractor:
         """Boxes (n, 4) and probabilities (n,) of the largest ``max_faces`` faces, and n found.
 
         NOTE: detection runs one image at a time. facenet-pytorch 2.5.3 batches only images of
-        equal size, and in such a batch a box reaching past the image edge can suppress or move
-        a box of another image (on a newsimages-2025 photo a box moved by 4 px in a batch of
-        two), so batched detection would not match detection of each image alone.
+        equal size. In such a batch a box reaching past the image edge can suppress or move a
+        box of another image: on a newsimages-2025 photo a box moved by 4 px in a batch of two.
+        Batched detection would therefore not match detection of each image alone.
         """
         boxes, probs = self.mtcnn.detect([image])  # a list gives per-image entries: None or arrays
         boxes, probs = boxes[0], probs[0]
@@ -338,7 +338,7 @@ class FaceExtractor:
         return boxes[: self.config.max_faces], probs[: self.config.max_faces], n_detected
 
     def crop(self, image, boxes: np.ndarray) -> torch.Tensor:
-        """Face crops (n, 3, image_size, image_size), standardised when post_process is on."""
+        """Crop the faces to (n, 3, image_size, image_size), standardised when post_process is on."""
         from facenet_pytorch.models.mtcnn import fixed_image_standardization
         from facenet_pytorch.models.utils.detect_face import extract_face
 
@@ -353,7 +353,7 @@ class FaceExtractor:
 
     @torch.no_grad()
     def embed(self, crops: torch.Tensor) -> np.ndarray:
-        """FaceNet embeddings (n, 512) float32, in forward passes of ``face_batch_size`` faces."""
+        """Embed crops to (n, 512) float32 in FaceNet forward passes of ``face_batch_size`` faces."""
         if crops.shape[0] == 0:
             return np.zeros((0, EMBEDDING_SIZE), np.float32)
         outputs = []
@@ -363,7 +363,7 @@ class FaceExtractor:
         return torch.cat(outputs).numpy()
 
     def process(self, images: Sequence) -> list[FaceResult]:
-        """Faces of each RGB PIL image; the FaceNet passes cover the faces of all images at once."""
+        """Find and embed the faces of each RGB PIL image, embedding the faces of all images together."""
         detections = []
         crops = []
         for image in images:
@@ -393,7 +393,7 @@ class FaceExtractor:
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """Decodes images for a DataLoader; a decode failure is returned, not raised."""
+    """Image decoding for a DataLoader that returns a decode failure instead of raising it."""
 
     def __init__(self, items: Sequence[tuple[str, Path]], max_pixels: int):
         self.items = list(items)
@@ -416,7 +416,7 @@ def _keep_as_list(batch):
 
 @dataclasses.dataclass
 class FaceReport:
-    """What one run of the face stage did, for logs and asset metadata."""
+    """Counts and timings of one run of the face stage, for logs and asset metadata."""
 
     done: list[str] = dataclasses.field(default_factory=list)
     failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (image hash, reason)
@@ -487,10 +487,9 @@ def extract_face_features(
     """
     started = time.perf_counter()
     face_root = Path(face_root)
+    # NOTE: temporary files left by killed runs are not removed here, because another
+    # partition's run may be writing its own temporary file into the same folders right now.
     store = face_store(face_root)
-    remove_stale_temporaries(store.folder)
-    if write_json:
-        remove_stale_temporaries(face_root / JSON_FOLDER)
     document_faces = document_faces or {}
     report = FaceReport()
     unique = list(dict.fromkeys((key, Path(path)) for key, path in items))
@@ -585,7 +584,7 @@ def _stored_model_id(store: FeatureStore, key: str) -> str | None:
 
 
 def _process_batch(extractor: FaceExtractor, batch, report: FaceReport) -> list[tuple[str, FaceResult]]:
-    """Faces of the decodable images of ``batch``; failures are recorded in ``report``."""
+    """Process the decodable images of ``batch`` and record the failures in ``report``."""
     keys, images = [], []
     for key, image, error in batch:
         if error is not None:
@@ -628,7 +627,7 @@ def json_path(face_root: Path | str, key: str) -> Path:
 
 
 def original_json(result: FaceResult, dtype: str = "float64") -> dict[str, Any]:
-    """The fields the original NewsLXMERT scripts wrote per image (see the module docstring)."""
+    """Build the fields the original NewsLXMERT scripts wrote per image (see the module docstring)."""
     if dtype not in ("float32", "float64"):
         raise ValueError(f"json dtype must be float32 or float64, got {dtype!r}")
     little = np.dtype(dtype).newbyteorder("<")
@@ -642,14 +641,14 @@ def original_json(result: FaceResult, dtype: str = "float64") -> dict[str, Any]:
 
 
 def read_original_json(value: Mapping[str, Any]) -> FaceResult:
-    """Parse the original per-image fields; float32 or float64 is told from the byte count."""
+    """Parse the original per-image fields, detecting float32 or float64 from the byte count."""
     rows = int(value.get("faces_size", 0))
     if rows == 0:
         return empty_result(0, 0)
     raw = base64.b64decode(value["faces_embeddings"])
     itemsize = len(raw) // (rows * EMBEDDING_SIZE)
     if itemsize not in (4, 8) or itemsize * rows * EMBEDDING_SIZE != len(raw):
-        raise ValueError(f"faces_embeddings holds {len(raw)} bytes, which is not {rows} x {EMBEDDING_SIZE} float32 or float64")
+        raise ValueError(f"faces_embeddings contains {len(raw)} bytes, which is not {rows} x {EMBEDDING_SIZE} float32 or float64")
     float_type = np.dtype("<f4") if itemsize == 4 else np.dtype("<f8")
     embeddings = np.frombuffer(raw, float_type).reshape(rows, EMBEDDING_SIZE).astype(np.float32)
     probs = np.zeros((rows,), np.float32)
@@ -717,7 +716,7 @@ class FaceFeatureReader:
 
 
 def image_items(images_dir: Path, limit: int | None = None) -> list[tuple[str, Path]]:
-    """``(stem, path)`` of every .jpg/.jpeg/.png file in ``images_dir``, sorted by name."""
+    """Return ``(stem, path)`` of every .jpg/.jpeg/.png file in ``images_dir``, sorted by name."""
     suffixes = {".jpg", ".jpeg", ".png"}
     paths = sorted(path for path in images_dir.iterdir() if path.suffix.lower() in suffixes and path.is_file())
     return [(path.stem, path) for path in paths[:limit]]
@@ -729,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="face_features folder to write store/ (and json/) into")
     parser.add_argument("--profile", default=os.environ.get("NEWSLXMERT_PROFILE", "base"), help="base or tiny")
     parser.add_argument("--data-root", type=Path, default=None,
-                        help="data root whose models/tiny/facenet/ holds the tiny-profile weights "
+                        help="data root whose models/tiny/facenet/ contains the tiny-profile weights "
                         "(default: NEWSLXMERT_DATA_ROOT or ./data)")
     parser.add_argument("--facenet-weights", default=os.environ.get("NEWSLXMERT_FACENET_WEIGHTS") or None,
                         help="vggface2, casia-webface, a state-dict file or a folder (default: by profile)")

@@ -190,9 +190,12 @@ def test_extract_writes_and_resumes(tmp_path):
     _write_articles(articles, [changed])
     third = extract_entities(articles, entities_root, items, TINY_SPACY_MODEL)
 
-    assert first.written == 2 and first.unchanged == 0
-    assert second.written == 0 and second.unchanged == 2
-    assert third.written == 1 and third.unchanged == 1
+    assert first.written == 2
+    assert first.unchanged == 0
+    assert second.written == 0
+    assert second.unchanged == 2
+    assert third.written == 1
+    assert third.unchanged == 1
     assert load_entities(tmp_path, "n1")["fields"]["title_en"]["text"] == "Joe Biden visits Dublin"
     assert sorted(first.items) == sorted(items)
 

@@ -127,13 +127,13 @@ def test_batch_equals_single(extractor, photos):
     batched = extractor.process(images)
     single = [extractor.process([image])[0] for image in images]
 
-    for key, one, many in zip(keys, single, batched):
-        assert one.n_faces == many.n_faces, key
-        assert one.n_detected == many.n_detected, key
-        np.testing.assert_array_equal(one.boxes, many.boxes)
-        np.testing.assert_array_equal(one.detect_probs, many.detect_probs)
+    for key, alone, in_batch in zip(keys, single, batched):
+        assert alone.n_faces == in_batch.n_faces, key
+        assert alone.n_detected == in_batch.n_detected, key
+        np.testing.assert_array_equal(alone.boxes, in_batch.boxes)
+        np.testing.assert_array_equal(alone.detect_probs, in_batch.detect_probs)
         # FaceNet runs on a different number of faces per pass, so float sums may differ slightly.
-        np.testing.assert_allclose(one.embeddings, many.embeddings, atol=1e-5)
+        np.testing.assert_allclose(alone.embeddings, in_batch.embeddings, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK"])
@@ -264,7 +264,8 @@ def test_original_json_round_trip(extractor, photos, tmp_path):
     (face_root / "store").rename(tmp_path / "moved_store")  # the reader falls back to the JSON
     item = FaceFeatureReader(tmp_path / "ds").get(TWO_FACES)
 
-    assert content["n_faces"] == 2 and content["faces_size"] == 2
+    assert content["n_faces"] == 2
+    assert content["faces_size"] == 2
     np.testing.assert_allclose(raw, stored["embeddings"][:2], rtol=1e-7)
     np.testing.assert_allclose(parsed.embeddings, stored["embeddings"][:2], rtol=1e-7)
     assert item["n_faces"] == 2
