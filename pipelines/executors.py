@@ -86,14 +86,23 @@ def load_k8s_executor_config(path: Path | str | None = None) -> dict[str, Any]:
 
 
 def k8s_executor(path: Path | str | None = None):
-    """dagster-k8s's ``k8s_job_executor`` with the settings file applied."""
+    """dagster-k8s's ``k8s_job_executor`` with the settings file applied.
+
+    The settings are checked against the executor's schema here, when the code location
+    loads, rather than when the first run starts.
+    """
     try:
         from dagster_k8s import k8s_job_executor
     except ImportError:
-        raise ImportError(
-            f"{EXECUTOR_ENV}=k8s needs dagster-k8s; install it with pip install -e '.[k8s]'"
-        ) from None
-    return k8s_job_executor.configured(load_k8s_executor_config(path), name="k8s")
+        raise ImportError(f"{EXECUTOR_ENV}=k8s needs dagster-k8s; install it with pip install -e '.[k8s]'") from None
+    from dagster._config import validate_config
+
+    settings = load_k8s_executor_config(path)
+    result = validate_config(k8s_job_executor.config_schema.config_type, settings)
+    if not result.success:
+        messages = "; ".join(error.message for error in result.errors)
+        raise ValueError(f"invalid k8s executor settings in {path or K8S_EXECUTOR_CONFIG}: {messages}")
+    return k8s_job_executor.configured(settings, name="k8s")
 
 
 def executor_from_env():
