@@ -82,3 +82,24 @@ def link_tiny_facenet(tiny_facenet_file):
         return target
 
     return link
+
+
+@pytest.fixture(scope="session")
+def dagster_dev(tmp_path_factory):
+    """One ``dagster dev`` on 127.0.0.1 for the UI and backfill tests, stopped by its process group.
+
+    The NYTimes800k partitions start at the demo corpus's first day, and a backfill run
+    covers up to 2 partitions, so a backfill of the 6 demo days takes 3 runs.
+    """
+    from dagster_dev_server import DagsterDev
+
+    server = DagsterDev(
+        tmp_path_factory.mktemp("dagster_dev"),
+        env={
+            "NEWSLXMERT_NYTIMES_START_DATE": "2024-01-01",
+            "NEWSLXMERT_MAX_PARTITIONS_PER_RUN": "2",
+            "NEWSLXMERT_PROFILE": "tiny",
+        },
+    )
+    with server:
+        yield server
