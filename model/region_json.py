@@ -9,8 +9,9 @@ One JSON object per image, arrays as base64 of their raw little-endian bytes::
 
 The original training code reshapes every array by ``n_regions`` rows, so ``n_regions``
 is the row count. Files written here always have 36 rows (padded) and add
-``n_real_regions`` (the detector's real count), ``image_width`` and ``image_height``;
-readers of the original code ignore those keys. Files from the original scripts lack
+``n_real_regions`` (the detector's real count), ``feature_dim`` (D, so that a truncated
+``roi_features`` is detected), ``image_width`` and ``image_height``; readers of the
+original code ignore those keys. Files from the original scripts lack
 them: their real count is taken as ``n_regions`` and the image size as -1 (unknown).
 
 The original README names the files ``<hash>.jpg`` while its code reads ``<hash>.json``;
@@ -89,8 +90,13 @@ def _read_count(value: Any, name: str, field: str) -> int:
     return int(value)
 
 
-def parse_region_json(content: Any, name: str, n_regions: int = N_REGIONS) -> RegionFeatures:
-    """Validate one decoded JSON object and return its regions padded to ``n_regions`` rows."""
+def parse_region_json(content: Any, name: str, n_regions: int = N_REGIONS, feature_dim: int | None = None) -> RegionFeatures:
+    """Validate one decoded JSON object and return its regions padded to ``n_regions`` rows.
+
+    The RoI feature width D comes from ``feature_dim``, else from the file's ``feature_dim``
+    key, else from the byte count. Only the first two catch a ``roi_features`` field cut
+    to a whole number of shorter rows.
+    """
     if not isinstance(content, dict):
         raise RegionJsonError(f"{name}: expected a JSON object, found {type(content).__name__}")
     for field in REQUIRED_FIELDS:
@@ -107,11 +113,18 @@ def parse_region_json(content: Any, name: str, n_regions: int = N_REGIONS) -> Re
     if real > rows:
         raise RegionJsonError(f"{name}: n_real_regions {real} exceeds n_regions {rows}")
 
+    stored_dim = content.get("feature_dim")
+    if stored_dim is not None:
+        stored_dim = _read_count(stored_dim, name, "feature_dim")
+        if feature_dim is not None and stored_dim != feature_dim:
+            raise RegionJsonError(f"{name}: feature_dim is {stored_dim}, expected {feature_dim} like the other images")
+    expected_dim = feature_dim if feature_dim is not None else stored_dim
+
     arrays: dict[str, np.ndarray] = {}
     for field, dtype in ARRAY_FIELDS.items():
         if field not in content and field in OPTIONAL_ARRAYS:
             continue
-        width = ROW_WIDTH.get(field, 0)
+        width = expected_dim if field == "roi_features" else ROW_WIDTH.get(field, 0)
         arrays[field] = decode_array(content[field], dtype, rows, width, name, field)
 
     width_px = _read_signed(content.get("image_width", -1), name, "image_width")
@@ -139,8 +152,8 @@ def _read_signed(value: Any, name: str, field: str) -> int:
     return value
 
 
-def read_region_json(path: Path | str, n_regions: int = N_REGIONS) -> RegionFeatures:
-    """Read and validate one region-feature file (named ``.json`` or ``.jpg``)."""
+def read_region_json(path: Path | str, n_regions: int = N_REGIONS, feature_dim: int | None = None) -> RegionFeatures:
+    """Read and validate one region-feature file (named ``.json`` or ``.jpg``); see parse_region_json."""
     path = Path(path)
     try:
         content = json.loads(path.read_bytes())
@@ -148,13 +161,14 @@ def read_region_json(path: Path | str, n_regions: int = N_REGIONS) -> RegionFeat
         raise
     except (ValueError, UnicodeDecodeError) as error:
         raise RegionJsonError(f"{path}: not valid JSON ({error}); the file is truncated or not a region-feature file") from None
-    return parse_region_json(content, str(path), n_regions)
+    return parse_region_json(content, str(path), n_regions, feature_dim)
 
 
 def region_json_bytes(features: RegionFeatures) -> bytes:
     """Serialise ``features`` in the original layout (36 rows) with the extra keys described above."""
     content: dict[str, Any] = {field: encode_array(getattr(features, field), dtype) for field, dtype in ARRAY_FIELDS.items()}
     content["n_regions"] = int(features.roi_features.shape[0])
+    content["feature_dim"] = int(features.feature_dim)
     content["n_real_regions"] = int(features.n_regions)
     content["image_width"] = int(features.image_width)
     content["image_height"] = int(features.image_height)
@@ -200,16 +214,20 @@ def json_folder_to_store(json_dir: Path | str, store, keys: Iterable[str] | None
     files = list_region_json(json_dir)
     wanted = sorted(files) if keys is None else sorted(keys)
     copied, failures, buffer = 0, {}, []
+    schema = store.schema
+    feature_dim = int(schema["roi_features"].shape[1]) if "roi_features" in schema else None
     for image_hash in wanted:
         path = files.get(image_hash)
         if path is None:
             failures[image_hash] = f"no {image_hash}.json or {image_hash}.jpg in {json_dir}"
             continue
         try:
-            buffer.append(read_region_json(path).to_record(image_hash))
+            features = read_region_json(path, feature_dim=feature_dim)
         except RegionJsonError as error:
             failures[image_hash] = str(error)
             continue
+        feature_dim = features.feature_dim
+        buffer.append(features.to_record(image_hash))
         if len(buffer) >= chunk:
             store.write(buffer)
             copied += len(buffer)

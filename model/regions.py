@@ -207,12 +207,12 @@ def _keep_list(batch: list) -> list:
     return batch
 
 
-def _has_valid_json(json_dir: Path, key: str) -> bool:
+def _has_valid_json(json_dir: Path, key: str, feature_dim: int) -> bool:
     path = json_dir / f"{key}.json"
     if not path.exists():
         return False
     try:
-        read_region_json(path)
+        read_region_json(path, feature_dim=feature_dim or None)
     except RegionJsonError:
         return False
     return True
@@ -243,7 +243,7 @@ def extract_regions(
     todo: list[tuple[str, Path]] = []
     for key in sorted(items):
         in_store = key in store
-        if not overwrite and in_store and (json_dir is None or _has_valid_json(json_dir, key)):
+        if not overwrite and in_store and (json_dir is None or _has_valid_json(json_dir, key, backend.feature_dim)):
             report.skipped.append(key)
         elif not overwrite and in_store and json_dir is not None:
             # The store has the item but its JSON twin is missing or damaged: rewrite it.
@@ -359,21 +359,24 @@ class RegionFeatureReader:
             found.update(list_region_json(folder))
         return sorted(found)
 
-    @property
-    def feature_dim(self) -> int:
-        """Return D, the RoI feature size; raise FileNotFoundError when there are no features."""
+    def _known_feature_dim(self) -> int | None:
         if self._feature_dim is None:
             schema = self.store.schema
             if "roi_features" in schema:
                 self._feature_dim = int(schema["roi_features"].shape[1])
-            else:
-                keys = self.keys()
-                if not keys:
-                    raise FileNotFoundError(
-                        f"no region features in {self.root} or {', '.join(map(str, self.json_dirs[1:])) or 'other folders'}; "
-                        "materialize the region_features asset first"
-                    )
-                self._feature_dim = int(self.get(keys[0])["roi_features"].shape[1])
+        return self._feature_dim
+
+    @property
+    def feature_dim(self) -> int:
+        """Return D, the RoI feature size; raise FileNotFoundError when there are no features."""
+        if self._known_feature_dim() is None:
+            keys = self.keys()
+            if not keys:
+                raise FileNotFoundError(
+                    f"no region features in {self.root} or {', '.join(map(str, self.json_dirs[1:])) or 'other folders'}; "
+                    "materialize the region_features asset first"
+                )
+            self._feature_dim = int(self.get(keys[0])["roi_features"].shape[1])
         return self._feature_dim
 
     def get(self, image_hash: str) -> dict[str, Any]:
@@ -386,11 +389,9 @@ class RegionFeatureReader:
                 f"no region features for image {image_hash!r} in {self.store.folder} or "
                 f"{', '.join(str(d) for d in self.json_dirs)}"
             )
-        features = read_region_json(path).to_dict()
-        dim = features["roi_features"].shape[1]
-        if self._feature_dim is not None and dim != self._feature_dim:
-            raise ValueError(f"{path}: roi_features have {dim} columns, other images {self._feature_dim}")
-        return features
+        # With D known (from the store or an earlier file), a truncated or foreign file
+        # raises RegionJsonError naming it instead of giving rows of another width.
+        return read_region_json(path, feature_dim=self._known_feature_dim()).to_dict()
 
 
 def default_num_workers() -> int:

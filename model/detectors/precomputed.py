@@ -44,7 +44,7 @@ class PrecomputedBackend(RegionBackend):
                 results.append(RegionFailure(f"no {image.key}.json or {image.key}.jpg in {self.folder}"))
                 continue
             try:
-                features = read_region_json(path)
+                features = read_region_json(path, feature_dim=self.feature_dim or None)
             except RegionJsonError as error:
                 results.append(RegionFailure(str(error)))
                 continue

@@ -228,12 +228,18 @@ class TorchvisionBackend(RegionBackend):
         self.config = config
         self.weights = str(weights)
         model = build_architecture(config)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        hint = "set the architecture (and num_classes) that the weights were trained with"
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # tensor shapes differ
+            first_line = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+            raise ValueError(
+                f"{weights}: weights do not fit architecture {config['architecture']!r} ({first_line}); {hint}"
+            ) from None
         if missing or unexpected:
             raise ValueError(
                 f"{weights}: weights do not fit architecture {config['architecture']!r} "
-                f"(missing {len(missing)} keys such as {missing[:3]}, unexpected {len(unexpected)} such as {unexpected[:3]}); "
-                "set the architecture that the weights were trained with"
+                f"(missing {len(missing)} keys such as {missing[:3]}, unexpected {len(unexpected)} such as {unexpected[:3]}); {hint}"
             )
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
