@@ -233,10 +233,11 @@ def _local_source(task: ImageTask, source_dir: Path) -> Path | None:
     names.append(f"{task.image_hash}.jpg")
     for name in names:
         try:
-            check_safe_id(name)
-            path = safe_join(source_dir, name)
+            check_safe_id(name)  # a plain file name, so the path stays in source_dir
         except UnsafePathError:
             continue
+        # Not resolved: a source folder of symbolic links to the real files is fine.
+        path = source_dir / name
         if path.is_file():
             return path
     return None
