@@ -17,7 +17,14 @@ from pipelines.schedules import build_nytimes_daily_schedule
 from pipelines.sensors import build_newsimages_new_batches_sensor, build_nytimes_new_articles_sensor
 
 all_assets = load_assets_from_package_module(assets)
-all_asset_checks = load_asset_checks_from_package_module(assets)
+asset_keys = {spec.key for assets_def in all_assets if hasattr(assets_def, "specs") for spec in assets_def.specs}
+# A check whose asset is not written yet (for example the index) is left out: Dagster
+# would otherwise show its asset as an external asset that nothing materializes.
+all_asset_checks = [
+    checks_def
+    for checks_def in load_asset_checks_from_package_module(assets)
+    if all(check_key.asset_key in asset_keys for check_key in checks_def.check_keys)
+]
 jobs = build_jobs(all_assets)
 
 schedules = []
