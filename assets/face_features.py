@@ -36,7 +36,9 @@ class FaceFeaturesConfig(Config):
     max_faces: int = Field(default=10, description="faces kept per image, largest first")
     face_batch_size: int = Field(default=64, description="faces per FaceNet forward pass")
     images_per_write: int = Field(default=64, description="images per feature-store shard; a crash loses at most these")
-    loader_workers: int = Field(default=0, description="DataLoader processes decoding images")
+    loader_workers: int = Field(
+        default=0, description="DataLoader processes decoding images and, when the device is the CPU, running MTCNN"
+    )
     write_json: bool = Field(default=False, description="also write the original per-image JSON under face_features/json/")
     json_dtype: str = Field(default="float64", description="float dtype of the JSON base64 arrays (the original wrote float64)")
 

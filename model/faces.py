@@ -85,7 +85,7 @@ class FaceConfig:
     max_faces: int = DEFAULT_MAX_FACES
     face_batch_size: int = 64  # faces per FaceNet forward pass
     images_per_write: int = 64  # images per store shard; a killed run loses at most this many
-    loader_workers: int = 0  # DataLoader worker processes that decode images
+    loader_workers: int = 0  # DataLoader processes that decode images, and on the CPU also run MTCNN
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
@@ -282,10 +282,22 @@ def result_from_facenet_details(details: Mapping[str, Any], max_faces: int) -> F
 # --- detection and embedding ----------------------------------------------------------------
 
 
-class FaceExtractor:
-    """MTCNN detection per image and batched FaceNet embedding of every face found."""
+@dataclasses.dataclass
+class DetectedFaces:
+    """MTCNN's output for one image and its face crops, ready for FaceNet."""
 
-    def __init__(self, config: FaceConfig, facenet: torch.nn.Module, facenet_id: str, device: str = "cpu"):
+    boxes: np.ndarray  # (n, 4) float32, largest first, n <= max_faces
+    probs: np.ndarray  # (n,) float32
+    n_detected: int
+    width: int
+    height: int
+    crops: torch.Tensor  # (n, 3, image_size, image_size)
+
+
+class FaceDetector:
+    """MTCNN with facenet-pytorch's shipped weights, run one image at a time."""
+
+    def __init__(self, config: FaceConfig, device: str = "cpu"):
         from facenet_pytorch import MTCNN
 
         self.config = config
@@ -301,24 +313,9 @@ class FaceExtractor:
             keep_all=True,
             device=self.device,
         ).eval()
-        self.facenet = facenet.eval().to(self.device)
-        self.model_id = f"{config.detector_id()}+{facenet_id}"
-
-    @classmethod
-    def from_settings(
-        cls,
-        config: FaceConfig,
-        facenet_weights: str | None,
-        profile: str,
-        data_root: Path | str | None,
-        device: str = "cpu",
-    ) -> "FaceExtractor":
-        path = resolve_facenet_weights(facenet_weights, profile, data_root)
-        facenet, facenet_id = load_facenet(path, device)
-        return cls(config, facenet, facenet_id, device)
 
     def detect(self, image) -> tuple[np.ndarray, np.ndarray, int]:
-        """Boxes (n, 4) and probabilities (n,) of the largest ``max_faces`` faces, and n found.
+        """Return boxes (n, 4) and probabilities (n,) of the largest ``max_faces`` faces, and n found.
 
         NOTE: detection runs one image at a time. facenet-pytorch 2.5.3 batches only images of
         equal size. In such a batch a box reaching past the image edge can suppress or move a
@@ -351,6 +348,41 @@ class FaceExtractor:
             return torch.zeros((0, 3, size, size))
         return torch.stack(crops)
 
+    def prepare(self, image) -> DetectedFaces:
+        """Detect the faces of one RGB PIL image and crop them."""
+        boxes, probs, n_detected = self.detect(image)
+        return DetectedFaces(boxes, probs, n_detected, image.width, image.height, self.crop(image, boxes))
+
+
+class FaceExtractor:
+    """MTCNN detection per image and batched FaceNet embedding of every face found."""
+
+    def __init__(self, config: FaceConfig, facenet: torch.nn.Module, facenet_id: str, device: str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.detector = FaceDetector(config, device)
+        self.facenet = facenet.eval().to(self.device)
+        self.model_id = f"{config.detector_id()}+{facenet_id}"
+
+    @classmethod
+    def from_settings(
+        cls,
+        config: FaceConfig,
+        facenet_weights: str | None,
+        profile: str,
+        data_root: Path | str | None,
+        device: str = "cpu",
+    ) -> "FaceExtractor":
+        path = resolve_facenet_weights(facenet_weights, profile, data_root)
+        facenet, facenet_id = load_facenet(path, device)
+        return cls(config, facenet, facenet_id, device)
+
+    def detect(self, image) -> tuple[np.ndarray, np.ndarray, int]:
+        return self.detector.detect(image)
+
+    def crop(self, image, boxes: np.ndarray) -> torch.Tensor:
+        return self.detector.crop(image, boxes)
+
     @torch.no_grad()
     def embed(self, crops: torch.Tensor) -> np.ndarray:
         """Embed crops to (n, 512) float32 in FaceNet forward passes of ``face_batch_size`` faces."""
@@ -362,42 +394,47 @@ class FaceExtractor:
             outputs.append(self.facenet(chunk).float().cpu())  # (b, 512)
         return torch.cat(outputs).numpy()
 
-    def process(self, images: Sequence) -> list[FaceResult]:
-        """Find and embed the faces of each RGB PIL image, embedding the faces of all images together."""
-        detections = []
-        crops = []
-        for image in images:
-            boxes, probs, n_detected = self.detect(image)
-            detections.append((boxes, probs, n_detected, image.width, image.height))
-            crops.append(self.crop(image, boxes))
-        all_crops = torch.cat(crops) if crops else torch.zeros((0, 3, self.config.image_size, self.config.image_size))
-        embeddings = self.embed(all_crops)  # (total faces, 512)
+    def finish(self, detections: Sequence[DetectedFaces]) -> list[FaceResult]:
+        """Embed the faces of all ``detections`` together and return one result per image."""
+        size = self.config.image_size
+        crops = [detected.crops for detected in detections]
+        embeddings = self.embed(torch.cat(crops) if crops else torch.zeros((0, 3, size, size)))  # (total faces, 512)
         results, cursor = [], 0
-        for boxes, probs, n_detected, width, height in detections:
-            n = len(boxes)
+        for detected in detections:
+            n = len(detected.boxes)
             results.append(
                 FaceResult(
                     embeddings=embeddings[cursor : cursor + n],
-                    detect_probs=probs,
-                    boxes=boxes,
-                    n_detected=n_detected,
-                    width=width,
-                    height=height,
+                    detect_probs=detected.probs,
+                    boxes=detected.boxes,
+                    n_detected=detected.n_detected,
+                    width=detected.width,
+                    height=detected.height,
                 )
             )
             cursor += n
         return results
+
+    def process(self, images: Sequence) -> list[FaceResult]:
+        """Find and embed the faces of each RGB PIL image, embedding the faces of all images together."""
+        return self.finish([self.detector.prepare(image) for image in images])
 
 
 # --- the stage over many images -------------------------------------------------------------
 
 
 class _ImageDataset(torch.utils.data.Dataset):
-    """Image decoding for a DataLoader that returns a decode failure instead of raising it."""
+    """Decoding, and with a CPU ``detector`` also face detection, for a DataLoader.
 
-    def __init__(self, items: Sequence[tuple[str, Path]], max_pixels: int):
+    Each item is ``(key, image or DetectedFaces, None)``, or ``(key, None, reason)`` for an
+    image that failed, so that one bad file does not stop the loader. With loader workers,
+    CPU detection of later images overlaps FaceNet on earlier ones.
+    """
+
+    def __init__(self, items: Sequence[tuple[str, Path]], max_pixels: int, detector: FaceDetector | None):
         self.items = list(items)
         self.max_pixels = max_pixels
+        self.detector = detector
 
     def __len__(self) -> int:
         return len(self.items)
@@ -405,9 +442,15 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         key, path = self.items[index]
         try:
-            return key, load_image(path, max_pixels=self.max_pixels).image, None
+            image = load_image(path, max_pixels=self.max_pixels).image
         except ImageDecodeError as error:
             return key, None, str(error)
+        if self.detector is None:
+            return key, image, None
+        try:
+            return key, self.detector.prepare(image), None
+        except (RuntimeError, ValueError, IndexError) as error:
+            return key, None, f"face detection failed: {type(error).__name__}: {error}"
 
 
 def _keep_as_list(batch):
@@ -546,8 +589,10 @@ def extract_face_features(
 
     if pending:
         face_extractor = get_extractor()
+        # On a GPU, MTCNN runs in this process; on the CPU, detection runs in the loader.
+        loader_detector = face_extractor.detector if face_extractor.device.type == "cpu" else None
         loader = torch.utils.data.DataLoader(
-            _ImageDataset(pending, config.max_pixels),
+            _ImageDataset(pending, config.max_pixels, loader_detector),
             batch_size=config.images_per_write,
             shuffle=False,
             num_workers=config.loader_workers,
@@ -584,23 +629,31 @@ def _stored_model_id(store: FeatureStore, key: str) -> str | None:
 
 
 def _process_batch(extractor: FaceExtractor, batch, report: FaceReport) -> list[tuple[str, FaceResult]]:
-    """Process the decodable images of ``batch`` and record the failures in ``report``."""
-    keys, images = [], []
-    for key, image, error in batch:
+    """Process the loaded items of ``batch`` and record the failures in ``report``.
+
+    Items are decoded images, or ``DetectedFaces`` when the loader ran detection.
+    """
+    keys, loaded = [], []
+    for key, item, error in batch:
         if error is not None:
             report.failures.append((key, error))
             logger.warning("image %s not processed: %s", key, error)
             continue
         keys.append(key)
-        images.append(image)
+        loaded.append(item)
+
+    def run(items: list) -> list[FaceResult]:
+        detections = [item if isinstance(item, DetectedFaces) else extractor.detector.prepare(item) for item in items]
+        return extractor.finish(detections)
+
     try:
-        return list(zip(keys, extractor.process(images)))
+        return list(zip(keys, run(loaded)))
     except (RuntimeError, ValueError, IndexError) as error:
-        logger.warning("face batch failed (%s); processing its %d images one at a time", error, len(images))
+        logger.warning("face batch failed (%s); processing its %d images one at a time", error, len(loaded))
     results = []
-    for key, image in zip(keys, images):
+    for key, item in zip(keys, loaded):
         try:
-            results.append((key, extractor.process([image])[0]))
+            results.append((key, run([item])[0]))
         except (RuntimeError, ValueError, IndexError) as error:
             report.failures.append((key, f"face extraction failed: {type(error).__name__}: {error}"))
             logger.warning("image %s: face extraction failed: %s", key, error)
@@ -737,6 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-faces", type=int, default=DEFAULT_MAX_FACES, help="faces kept per image (default 10)")
     parser.add_argument("--images-per-write", type=int, default=FaceConfig.images_per_write,
                         help="images per store shard (default 64)")
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="DataLoader processes decoding images and, on the CPU, running MTCNN (default 0)")
     parser.add_argument("--limit", type=int, default=None, help="process only the first N photos by name")
     parser.add_argument("--json", action="store_true", help="also write the original per-image JSON files")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -746,7 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     config = FaceConfig(
-        min_face_size=args.min_face_size, max_faces=args.max_faces, images_per_write=args.images_per_write
+        min_face_size=args.min_face_size,
+        max_faces=args.max_faces,
+        images_per_write=args.images_per_write,
+        loader_workers=args.loader_workers,
     )
     items = image_items(args.images_dir, args.limit)
     data_root = args.data_root or Path(os.environ.get("NEWSLXMERT_DATA_ROOT", "data"))

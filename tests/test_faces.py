@@ -206,6 +206,20 @@ def test_rerun_skips_stored_images(extractor, photos, tmp_path):
     assert len(report.done) == 2
 
 
+def test_loader_workers_match_in_process(extractor, photos, tmp_path):
+    keys = [FOUR_FACES, NO_FACE, TWO_FACES]
+
+    in_process = extract_face_features(_items(photos, keys), tmp_path / "a", FaceConfig(), extractor)
+    in_workers = extract_face_features(_items(photos, keys), tmp_path / "b", FaceConfig(loader_workers=1), extractor)
+    stored_a, stored_b = _store_arrays(tmp_path / "a"), _store_arrays(tmp_path / "b")
+
+    assert in_workers.done == in_process.done
+    for key in keys:
+        np.testing.assert_array_equal(stored_a[key]["boxes"], stored_b[key]["boxes"])
+        np.testing.assert_array_equal(stored_a[key]["n_faces"], stored_b[key]["n_faces"])
+        np.testing.assert_allclose(stored_a[key]["embeddings"], stored_b[key]["embeddings"], atol=1e-5)
+
+
 def test_undecodable_image_is_a_failure(extractor, photos, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"<html><body>not found</body></html>")
