@@ -186,21 +186,21 @@ class RegionReport:
 class _ImageDataset(Dataset):
     """Decodes images in DataLoader workers; a failure becomes an item, not an exception."""
 
-    def __init__(self, items: list[tuple[str, Path]], needs_pixels: bool, max_pixels: int):
-        self.items, self.needs_pixels, self.max_pixels = items, needs_pixels, max_pixels
+    def __init__(self, items: list[tuple[str, Path]], backend: RegionBackend, max_pixels: int):
+        self.items, self.backend, self.max_pixels = items, backend, max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> DecodedImage | tuple[str, str]:
         key, path = self.items[index]
-        if not self.needs_pixels:
+        if not self.backend.needs_pixels:
             return DecodedImage(key, None, -1, -1)
         try:
             loaded = load_image(path, max_pixels=self.max_pixels)
         except ImageDecodeError as error:
             return key, str(error)
-        return DecodedImage(key, to_tensor_uint8(loaded.image), loaded.width, loaded.height)
+        return self.backend.prepare(DecodedImage(key, to_tensor_uint8(loaded.image), loaded.width, loaded.height))
 
 
 def _keep_list(batch: list) -> list:
@@ -236,8 +236,9 @@ def extract_regions(
     unless ``overwrite``. Results are written every ``flush_every`` images as one store
     shard plus atomic JSON files, so a killed run loses at most that many images and
     leaves no partial file. Unreadable images and backend failures are recorded in the
-    report and the run goes on. Images are decoded in ``num_workers`` DataLoader worker
-    processes (0: in this process) and ordered by size so that batches share an input size.
+    report and the run goes on. Images are decoded (and, by ``backend.prepare``, resized
+    for a CPU network) in ``num_workers`` DataLoader worker processes (0: in this process),
+    ordered by size so that batches share an input size.
     """
     report = RegionReport(feature_dim=backend.feature_dim)
     todo: list[tuple[str, Path]] = []
@@ -258,7 +259,7 @@ def extract_regions(
         sizes = {key: probe_size(path) or (0, 0) for key, path in todo}
         todo.sort(key=lambda item: (sizes[item[0]][1], sizes[item[0]][0], item[0]))
     loader = DataLoader(
-        _ImageDataset(todo, backend.needs_pixels, max_pixels),
+        _ImageDataset(todo, backend, max_pixels),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_keep_list,

@@ -119,6 +119,7 @@ class DecodedImage:
     pixels: torch.Tensor | None  # (3, H, W) uint8, RGB
     width: int
     height: int
+    network_input: torch.Tensor | None = None  # set by RegionBackend.prepare; backend-specific
 
 
 @dataclasses.dataclass
@@ -139,6 +140,10 @@ class RegionBackend:
     feature_dim: int = 0
     has_attributes: bool = False
     needs_pixels: bool = True
+
+    def prepare(self, image: DecodedImage) -> DecodedImage:
+        """Preprocess one image where it was decoded (a DataLoader worker); by default nothing."""
+        return image
 
     def extract(self, images: list[DecodedImage]) -> list[RegionFeatures | RegionFailure]:
         """Return one result per image, in order; raise only for errors of the whole batch."""

@@ -15,7 +15,10 @@ folder.
 
 Batching: images are resized one by one and then grouped by padded input size, so an
 image's network input is the same whether it runs alone or in a batch. Only images of one
-padded size share a forward pass.
+padded size share a backbone pass; the RPN and box heads then run per image.
+NOTE: batched and single-image regions are bitwise equal only where the backbone's
+convolutions round the same for every batch size (true for torch 2.14's CPU kernels in
+the tests; cuDNN may choose other algorithms per batch size and differ by about 1e-6).
 """
 
 from __future__ import annotations
@@ -190,6 +193,16 @@ def build_tiny_detector(folder: Path | str, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_architecture(config)
+        # torchvision initialises the RPN head with std 0.01, which makes every objectness
+        # score nearly equal; float noise of the order of 1e-10 between batch sizes then
+        # reorders proposals. Scale-preserving (He) initialisation spreads the scores apart.
+        for layer in model.rpn.head.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+        # Likewise the classifier: with std 1 its logits differ between regions by about one
+        # unit, so region scores and object ids vary instead of being one near-uniform value.
+        nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=1.0)
     import io
 
     buffer = io.BytesIO()
@@ -253,16 +266,34 @@ class TorchvisionBackend(RegionBackend):
         settings = {key: self.config[key] for key in DEFAULT_DETECTOR_CONFIG}
         return {"backend": self.name, "weights": self.weights, "feature_dim": self.feature_dim, **settings}
 
+    def _network_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Return the resized, normalised float input [3, h, w] for uint8 RGB ``pixels``."""
+        transform = self.model.transform
+        image = pixels.to(self.device, non_blocking=True).float().div_(255.0)  # (3, H, W)
+        # Resizing before normalising gives the same result as torchvision's order (both
+        # steps are linear per channel) with far fewer pixels to normalise.
+        resized, _ = transform.resize(image, None)  # (3, h, w)
+        return transform.normalize(resized)
+
+    @torch.inference_mode()
+    def prepare(self, image: DecodedImage) -> DecodedImage:
+        """Resize and normalise in the DataLoader worker when the network runs on the CPU."""
+        if self.device.type == "cpu" and image.pixels is not None and image.network_input is None:
+            image.network_input = self._network_input(image.pixels)
+            image.pixels = None  # not needed any more; less to send between processes
+        return image
+
     @torch.inference_mode()
     def extract(self, images: list[DecodedImage]) -> list[RegionFeatures]:
         transform = self.model.transform
         prepared = []
         for image in images:
-            if image.pixels is None:
+            if image.network_input is not None:
+                prepared.append(image.network_input.to(self.device))
+            elif image.pixels is not None:
+                prepared.append(self._network_input(image.pixels))
+            else:
                 raise ValueError(f"image {image.key}: the torchvision backend needs pixels")
-            pixels = image.pixels.to(self.device, non_blocking=True).float().div_(255.0)  # (3, H, W)
-            resized, _ = transform.resize(transform.normalize(pixels), None)  # (3, h, w)
-            prepared.append(resized)
 
         # Group by padded size so that padding, and hence the network input, never depends
         # on which other images share the batch.
@@ -282,31 +313,25 @@ class TorchvisionBackend(RegionBackend):
         model = self.model
         sizes = [tuple(t.shape[-2:]) for t in tensors]
         batch = model.transform.batch_images(tensors, size_divisible=model.transform.size_divisible)  # (B, 3, H, W)
-        image_list = ImageList(batch, sizes)
-        feature_maps = model.backbone(batch)
+        feature_maps = model.backbone(batch)  # the costly part, batched
         if isinstance(feature_maps, torch.Tensor):
             feature_maps = {"0": feature_maps}
-        proposals, _ = model.rpn(image_list, feature_maps)
 
-        grids = [grid_boxes(w_img, h_img, self.grid_levels).to(self.device) for (h_img, w_img) in sizes]
-        rois = [torch.cat([grid, props]) for grid, props in zip(grids, proposals)]  # grid boxes first
-        pooled = model.roi_heads.box_roi_pool(feature_maps, rois, sizes)
-        representation = model.roi_heads.box_head(pooled)  # (sum R, D)
-        class_logits, box_deltas = model.roi_heads.box_predictor(representation)
-        regressed = model.roi_heads.box_coder.decode(box_deltas, rois)  # (sum R, C, 4)
-        probabilities = torch.softmax(class_logits, dim=-1)
-
-        counts = [len(r) for r in rois]
+        # The RPN and box heads run per image. Batched, their convolutions and matrix
+        # products may pick other kernels whose rounding (about 1e-9) reorders near-tied
+        # proposals; per image, an image's regions do not depend on its batch mates.
         outputs = []
-        for image, size, roi, rep, probs, boxes in zip(
-            images,
-            sizes,
-            rois,
-            representation.split(counts),
-            probabilities.split(counts),
-            regressed.split(counts),
-        ):
-            outputs.append(self._select(image, size, roi, rep, probs, boxes))
+        for index, (image, size) in enumerate(zip(images, sizes)):
+            maps = {name: level[index : index + 1] for name, level in feature_maps.items()}
+            proposals, _ = model.rpn(ImageList(batch[index : index + 1], [size]), maps)
+            grid = grid_boxes(size[1], size[0], self.grid_levels).to(self.device)
+            rois = torch.cat([grid, proposals[0]])  # (R, 4), grid boxes first
+            pooled = model.roi_heads.box_roi_pool(maps, [rois], [size])
+            representation = model.roi_heads.box_head(pooled)  # (R, D)
+            class_logits, box_deltas = model.roi_heads.box_predictor(representation)
+            regressed = model.roi_heads.box_coder.decode(box_deltas, [rois])  # (R, C, 4)
+            probabilities = torch.softmax(class_logits, dim=-1)
+            outputs.append(self._select(image, size, rois, representation, probabilities, regressed))
         return outputs
 
     def _select(
