@@ -6,8 +6,8 @@ store each (the writes are inside the timing):
 - one at a time: ``extract_regions`` with ``batch_size=1`` and no DataLoader workers, so
   each image is decoded, then run through the detector alone;
 - batched: ``extract_regions`` with ``--batch-size`` images per forward pass and
-  ``--workers`` DataLoader processes decoding ahead; images are ordered by size so that
-  a batch shares one padded input size.
+  ``--workers`` DataLoader processes decoding ahead. Images are ordered by size, so a
+  batch shares one padded input size.
 
 It prints images/s of each and the ratio, and checks that both give the same regions.
 

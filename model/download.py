@@ -4,7 +4,7 @@ For each image, in this order:
 
 1. ``images/<hash>.jpg`` already exists: skipped. Only verified files are ever written there
    (atomically), so an existing file is a finished item.
-2. A local source folder is configured and holds the file (the document's ``image_file``
+2. A local source folder is configured and contains the file (the document's ``image_file``
    name, else ``<hash>.jpg``): it is decoded to check it, then hard-linked (or copied when
    linking is off or not possible) into place.
 3. Else the URL is downloaded, if downloads are on: http and https only, a bounded number
@@ -61,7 +61,7 @@ class FetchSettings:
     download: bool = True
     max_workers: int = 8  # concurrent downloads
     connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0  # longest wait for the next bytes
+    read_timeout_s: float = 30.0  # maximum wait for the next bytes
     total_timeout_s: float = 120.0  # deadline for one attempt, headers to last byte
     retries: int = 3  # extra attempts after the first, for transient errors only
     backoff_s: float = 1.0  # wait before retry k is backoff_s * 2**k
@@ -244,7 +244,11 @@ def _local_source(task: ImageTask, source_dir: Path) -> Path | None:
 
 
 def fetch_one(task: ImageTask, images_dir: Path, settings: FetchSettings) -> dict:
-    """Gather one image and return its status row; never raises for a per-item problem."""
+    """Gather one image and return its status row.
+
+    A missing or unusable local file, an unsafe hash and a failed download become a failed
+    row; only errors of the output folder itself (such as a full disk) raise.
+    """
     row = {
         "image_hash": task.image_hash,
         "aid": task.aid,

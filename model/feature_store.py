@@ -277,7 +277,7 @@ class FeatureStore:
                 if specs[name] != spec:
                     raise FeatureStoreError(
                         f"record {key!r}: field {name!r} has dtype {specs[name].dtype} shape {specs[name].shape}, "
-                        f"but the store in {self.folder} holds dtype {spec.dtype} shape {spec.shape}"
+                        f"but the store in {self.folder} contains dtype {spec.dtype} shape {spec.shape}"
                     )
                 values.setdefault(name, []).append(fields[name])
             keys.append(key)

@@ -8,10 +8,10 @@ One JSON object per image, arrays as base64 of their raw little-endian bytes::
      "attr_probs": "<base64 float32 [n]>", "n_regions": n}
 
 The original training code reshapes every array by ``n_regions`` rows, so ``n_regions``
-is the row count. Files written here always have 36 rows (padded) and add
+is the row count. Files written here always have 36 rows (padded). They add
 ``n_real_regions`` (the detector's real count), ``feature_dim`` (D, so that a truncated
-``roi_features`` is detected), ``image_width`` and ``image_height``; readers of the
-original code ignore those keys. Files from the original scripts lack
+``roi_features`` is detected), ``image_width`` and ``image_height``, keys that the
+original code ignores. Files from the original scripts lack
 them: their real count is taken as ``n_regions`` and the image size as -1 (unknown).
 
 The original README names the files ``<hash>.jpg`` while its code reads ``<hash>.json``;
@@ -69,7 +69,7 @@ def decode_array(text: Any, dtype: str, rows: int, width: int | None, name: str,
     if width is None:
         if rows == 0 or len(raw) % (rows * item) != 0 or len(raw) == 0:
             raise RegionJsonError(
-                f"{name}: field {field!r} holds {len(raw)} bytes, not a whole number of {rows} rows of {dtype} values; "
+                f"{name}: field {field!r} contains {len(raw)} bytes, not a whole number of {rows} rows of {dtype} values; "
                 "the file is truncated or was written with another dtype"
             )
         width = len(raw) // (rows * item)
@@ -77,7 +77,7 @@ def decode_array(text: Any, dtype: str, rows: int, width: int | None, name: str,
     if len(raw) != expected:
         shape = f"[{rows}, {width}]" if width else f"[{rows}]"
         raise RegionJsonError(
-            f"{name}: field {field!r} holds {len(raw)} bytes, expected {expected} for {dtype} {shape}; "
+            f"{name}: field {field!r} contains {len(raw)} bytes, expected {expected} for {dtype} {shape}; "
             "the file is truncated or was written with another dtype"
         )
     array = np.frombuffer(raw, dtype=np.dtype(dtype))

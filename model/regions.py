@@ -64,7 +64,7 @@ __all__ = [
 
 @dataclasses.dataclass
 class BackendSettings:
-    """What ``build_backend`` needs; the asset fills it from its Config and the pipeline settings."""
+    """Settings for ``build_backend``, filled by the asset from its Config and the pipeline settings."""
 
     backend: str = "torchvision"
     weights: str = ""  # torchvision: state-dict file or detector folder; detectron2: checkpoint
@@ -170,7 +170,7 @@ def check_extractor(stage_root: Path, identity: dict[str, Any]) -> None:
 
 @dataclasses.dataclass
 class RegionReport:
-    """What one extraction run did."""
+    """Counts, failures and timing of one extraction run."""
 
     done: list[str] = dataclasses.field(default_factory=list)  # extracted in this run
     skipped: list[str] = dataclasses.field(default_factory=list)  # valid output already present

@@ -404,10 +404,10 @@ def test_json_named_jpg_and_original_fields(tmp_path):
 @pytest.mark.parametrize(
     "field, damage, message",
     [
-        ("roi_features", lambda s: s[: len(s) // 2], "field 'roi_features' holds 576 bytes, expected 1152 for <f4 \\[36, 8\\]"),
+        ("roi_features", lambda s: s[: len(s) // 2], "field 'roi_features' contains 576 bytes, expected 1152 for <f4 \\[36, 8\\]"),
         ("roi_features", lambda s: s[:-3], "field 'roi_features' is not valid base64"),
         ("boxes", lambda s: s[:-8], "field 'boxes'"),
-        ("obj_ids", lambda s: base64.b64encode(np.zeros(36, "<i4").tobytes()).decode(), "field 'obj_ids' holds 144 bytes, expected 288"),
+        ("obj_ids", lambda s: base64.b64encode(np.zeros(36, "<i4").tobytes()).decode(), "field 'obj_ids' contains 144 bytes, expected 288"),
         ("obj_probs", lambda s: [0.5] * 36, "field 'obj_probs' must be a base64 string, found list"),
         ("attr_probs", lambda s: "not base64 at all!", "field 'attr_probs' is not valid base64"),
         ("n_regions", lambda s: "many", "field 'n_regions' must be a non-negative integer"),
@@ -431,7 +431,7 @@ def test_truncated_original_file_needs_dim(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps(content))
     assert read_region_json(path).feature_dim == 4  # half of every row: undetectable alone
-    with pytest.raises(RegionJsonError, match="old.json: field 'roi_features' holds 576 bytes, expected 1152"):
+    with pytest.raises(RegionJsonError, match="old.json: field 'roi_features' contains 576 bytes, expected 1152"):
         read_region_json(path, feature_dim=8)
 
 

@@ -1,6 +1,6 @@
 """A backend that reads features extracted earlier by the original NewsLXMERT scripts.
 
-The folder holds one file per image in the original JSON layout, named ``<hash>.json`` or
+The folder contains one file per image in the original JSON layout, named ``<hash>.json`` or
 ``<hash>.jpg`` (see ``model.region_json``). No pixels are needed.
 """
 

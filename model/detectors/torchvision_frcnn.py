@@ -1,9 +1,9 @@
 """torchvision's Faster R-CNN as a region-feature backend.
 
-Region selection follows bottom-up attention (Anderson et al., 2018): every RPN proposal
-is classified, takes its best non-background class and that class's regressed box,
-per-class NMS removes duplicates, proposals scoring above ``score_thresh`` are kept (at
-least ``min_regions`` of them, at most 36, by score). A region's feature is the box
+Region selection follows bottom-up attention (Anderson et al., 2018). Every RPN proposal
+is classified and takes its best non-background class and that class's regressed box.
+Per-class NMS removes duplicates. Proposals scoring above ``score_thresh`` are kept by
+score, at least ``min_regions`` and at most 36 of them. A region's feature is the box
 head's pooled RoI representation of its proposal (1024-d for torchvision's COCO models),
 so no second RoI pass is needed. Object ids are the detector's class indexes (1..90 for
 COCO); torchvision predicts no attributes, so ``attr_ids`` are -1 and ``attr_probs`` 0.
@@ -165,7 +165,7 @@ def build_tiny_detector(folder: Path | str, seed: int = 0) -> Path:
     """Write the tiny profile's randomly initialised detector to ``folder`` unless present.
 
     The network is untrained, so its RPN ranks proposals almost at random. Its config
-    therefore asks for fixed grid regions (1x1, 2x2 and 3x3, 14 boxes) before the 22
+    therefore lists fixed grid regions (1x1, 2x2 and 3x3, 14 boxes) before the 22
     best-scoring detections: the regions then always cover the whole scene layout, and
     their features (random convolutions of the pixels) still differ with colour and
     content. ``score_thresh`` is 0 because an untrained classifier gives every class about
@@ -194,8 +194,8 @@ def build_tiny_detector(folder: Path | str, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         model = build_architecture(config)
         # torchvision initialises the RPN head with std 0.01, which makes every objectness
-        # score nearly equal; float noise of the order of 1e-10 between batch sizes then
-        # reorders proposals. Scale-preserving (He) initialisation spreads the scores apart.
+        # score nearly equal, so float noise of about 1e-10 can reorder proposals.
+        # Scale-preserving (He) initialisation spreads the scores apart.
         for layer in model.rpn.head.modules():
             if isinstance(layer, nn.Conv2d):
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
@@ -317,9 +317,9 @@ class TorchvisionBackend(RegionBackend):
         if isinstance(feature_maps, torch.Tensor):
             feature_maps = {"0": feature_maps}
 
-        # The RPN and box heads run per image. Batched, their convolutions and matrix
-        # products may pick other kernels whose rounding (about 1e-9) reorders near-tied
-        # proposals; per image, an image's regions do not depend on its batch mates.
+        # The RPN and box heads run per image, so an image's regions do not depend on its
+        # batch mates. Batched, their convolutions may pick other kernels, and rounding
+        # differences of about 1e-9 then reorder near-tied proposals.
         outputs = []
         for index, (image, size) in enumerate(zip(images, sizes)):
             maps = {name: level[index : index + 1] for name, level in feature_maps.items()}
