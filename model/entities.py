@@ -410,6 +410,19 @@ def _write_chunk(annotator: EntityAnnotator, documents, entities_root: Path, rep
 # --- reading --------------------------------------------------------------------------------
 
 
+def spans_for_text(entities: Mapping[str, Any], text: str) -> list[dict] | None:
+    """Return the spans of the field of ``entities`` whose text is exactly ``text``, else None.
+
+    Use it with the texts ``model.documents.article_text`` returns: its NYTimes800k snippet
+    falls back to the abstract, and its NewsImages headline to the untranslated title, which
+    has no spans.
+    """
+    for field in list(entities.get("fields", {}).values()) + list(entities.get("captions", [])):
+        if field.get("text") == text:
+            return list(field.get("spans", []))
+    return None
+
+
 def load_entities(dataset_root: Path | str, aid: str) -> dict[str, Any]:
     """Read the entities file of article ``aid`` written by the entities stage.
 

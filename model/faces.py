@@ -528,6 +528,8 @@ def extract_face_features(
     ``images_per_write`` images. An image that cannot be decoded or processed is a per-item
     failure; the others go on. ``progress(done, total)`` is called after each shard.
     """
+    if write_json and json_dtype not in ("float32", "float64"):
+        raise ValueError(f"json_dtype must be float32 or float64, got {json_dtype!r}")
     started = time.perf_counter()
     face_root = Path(face_root)
     # NOTE: temporary files left by killed runs are not removed here, because another

@@ -19,6 +19,7 @@ from model.entities import (
     join_with_spans,
     load_entities,
     load_spacy,
+    spans_for_text,
 )
 from model.storage import canonical_json
 
@@ -234,3 +235,16 @@ def test_join_with_spans_shifts_offsets():
 
     assert text == "Barack Obama in Chicago Obama Visits"
     assert [text[s["start"] : s["end"]] for s in spans] == ["Chicago", "Obama"]
+
+
+def test_spans_for_text_follows_article_text(annotator):
+    from model.documents import article_text
+
+    document = _nytimes_document()
+    document["snippet"] = ""
+    [(_, _, entities)] = annotator.annotate([("train", document)], EntityReport())
+    text = article_text(document)
+
+    assert [s["text"] for s in spans_for_text(entities, text.snippet)] == ["Michelle Obama", "Detroit", "Monday"]
+    assert [s["text"] for s in spans_for_text(entities, text.captions[0])] == ["Barack Obama", "Chicago"]
+    assert spans_for_text(entities, "text that is not in the article") is None
