@@ -89,16 +89,22 @@ def dagster_dev(tmp_path_factory):
     """One ``dagster dev`` on 127.0.0.1 for the UI and backfill tests, stopped by its process group.
 
     The NYTimes800k partitions start at the demo corpus's first day, and a backfill run
-    covers up to 2 partitions, so a backfill of the 6 demo days takes 3 runs.
+    covers up to 2 partitions, so a backfill of the 6 demo days takes 3 runs. Runs execute
+    their steps in process: on two cores, a process per step costs more than the steps.
+    Images are copied from ``<data root>/demo/images``, where tests write the demo files.
     """
     from dagster_dev_server import DagsterDev
 
+    root = tmp_path_factory.mktemp("dagster_dev")
     server = DagsterDev(
-        tmp_path_factory.mktemp("dagster_dev"),
+        root,
         env={
             "NEWSLXMERT_NYTIMES_START_DATE": "2024-01-01",
             "NEWSLXMERT_MAX_PARTITIONS_PER_RUN": "2",
             "NEWSLXMERT_PROFILE": "tiny",
+            "NEWSLXMERT_DEVICE": "cpu",
+            "NEWSLXMERT_EXECUTOR": "in_process",
+            "NEWSLXMERT_IMAGE_SOURCE_DIR": str(root / "data" / "demo" / "images"),
         },
     )
     with server:

@@ -131,8 +131,12 @@ class DagsterDev:
     def graphql(self, query: str, variables: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, Any]:
         body = json.dumps({"query": query, "variables": variables or {}}).encode()
         request = urllib.request.Request(f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            result = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                result = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode("utf-8", "replace")[:2000]
+            raise RuntimeError(f"GraphQL request to {self.url} failed with HTTP {error.code}: {detail}") from None
         if result.get("errors"):
             raise RuntimeError(f"GraphQL errors from {self.url}: {result['errors']}")
         return result["data"]
