@@ -377,6 +377,44 @@ def build_pool(
     return pool_from_batch(split, selection.items, batch, selection)
 
 
+def load_split_pool(
+    dataset_root: Path | str,
+    dataset: str,
+    split: str,
+    size: int | None,
+    *,
+    tokenizer,
+    data_config,
+    distinct_articles: bool = True,
+) -> EvaluationPool:
+    """Build the pool of one split from the pipeline's folders under ``dataset_root``.
+
+    Reads the index's Parquet twin ``index/<split>.parquet``, the article JSON files of the
+    dataset's text stage, the region features and, when ``data_config.use_faces``, the
+    face features.
+    """
+    from model.dataset import ArticleStore
+    from model.documents import TEXT_STAGE
+    from model.faces import FaceFeatureReader
+    from model.index import index_folder, load_index
+    from model.regions import RegionFeatureReader
+
+    dataset_root = Path(dataset_root)
+    index_items = load_index(index_folder(dataset_root) / f"{split}.parquet")
+    faces = FaceFeatureReader(dataset_root, max_faces=data_config.max_faces).get if data_config.use_faces else None
+    return build_pool(
+        split,
+        index_items,
+        size,
+        articles=ArticleStore(dataset_root / TEXT_STAGE[dataset] / split),
+        regions=RegionFeatureReader(dataset_root).get,
+        faces=faces,
+        tokenizer=tokenizer,
+        data_config=data_config,
+        distinct_articles=distinct_articles,
+    )
+
+
 def load_evaluation_model(folder: Path | str, device: torch.device | str = "cpu"):
     """Load a checkpoint folder written by training: the model (in eval mode) and its tokenizer."""
     from transformers import AutoTokenizer
