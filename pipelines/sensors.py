@@ -44,7 +44,7 @@ from dagster import (
 )
 
 from assets.partitions import MAX_PARTITIONS_PER_RUN, newsimages_batch_partitions, nytimes_daily_partitions
-from pipelines.resources import MongoResource, PipelineSettings
+from pipelines.resources import MongoResource
 
 NYTIMES_SENSOR = "nytimes800k_new_articles_sensor"
 NEWSIMAGES_SENSOR = "newsimages_new_batches_sensor"
@@ -53,7 +53,8 @@ NYTIMES_ARTICLES_KEY = AssetKey(["nytimes800k", "articles"])
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 
-NEWSIMAGES_SOURCE_DIR_ENV = "NEWSLXMERT_NEWSIMAGES_SOURCE_DIR"
+# The folder that newsimages/raw_articles reads when its run config names none.
+NEWSIMAGES_SOURCE_DIR_ENV = "NEWSLXMERT_NEWSIMAGES_SOURCE"
 
 # Above this many documents past the stored _id, a tick recounts per day instead of
 # holding every new _id in memory.
@@ -315,17 +316,22 @@ def build_nytimes_new_articles_sensor(job_name: str, minimum_interval_seconds: i
     return nytimes800k_new_articles_sensor
 
 
-def newsimages_source_dir(settings: PipelineSettings) -> Path:
-    """Folder with the NewsImages source files: ``NEWSLXMERT_NEWSIMAGES_SOURCE_DIR``, else
-    ``<data_root>/sources/newsimages``."""
-    configured = os.environ.get(NEWSIMAGES_SOURCE_DIR_ENV)
-    return Path(configured) if configured else Path(settings.data_root) / "sources" / "newsimages"
+def newsimages_source_dir() -> Path | None:
+    """The NewsImages source folder from ``NEWSLXMERT_NEWSIMAGES_SOURCE``, or None when unset.
+
+    It must be the variable that newsimages/raw_articles reads, because the runs this
+    sensor requests carry no run config.
+    """
+    configured = os.environ.get(NEWSIMAGES_SOURCE_DIR_ENV, "").strip()
+    return Path(configured).expanduser().resolve() if configured else None
 
 
-def newsimages_new_batch_requests(context: SensorEvaluationContext, source_dir: Path) -> SensorResult | SkipReason:
+def newsimages_new_batch_requests(context: SensorEvaluationContext, source_dir: Path | None) -> SensorResult | SkipReason:
     """The body of the NewsImages sensor: register new batches and run each of them."""
     from model.newsimages import discover_batches
 
+    if source_dir is None:
+        return SkipReason(f"{NEWSIMAGES_SOURCE_DIR_ENV} is not set; set it to the folder with the NewsImages TSV/CSV files")
     if not source_dir.is_dir():
         return SkipReason(f"NewsImages source folder {source_dir} does not exist; set {NEWSIMAGES_SOURCE_DIR_ENV}")
     discovered = list(discover_batches(source_dir))
@@ -351,11 +357,10 @@ def build_newsimages_new_batches_sensor(job_name: str, minimum_interval_seconds:
         default_status=DefaultSensorStatus.STOPPED,
         description=(
             "Registers each new NewsImages source file as a partition of newsimages_batches and "
-            f"requests the NewsImages article-level stages for it. Folder: ${NEWSIMAGES_SOURCE_DIR_ENV}, "
-            "else <data_root>/sources/newsimages."
+            f"requests the NewsImages article-level stages for it. Folder: ${NEWSIMAGES_SOURCE_DIR_ENV}."
         ),
     )
-    def newsimages_new_batches_sensor(context: SensorEvaluationContext, settings: PipelineSettings):
-        return newsimages_new_batch_requests(context, newsimages_source_dir(settings))
+    def newsimages_new_batches_sensor(context: SensorEvaluationContext):
+        return newsimages_new_batch_requests(context, newsimages_source_dir())
 
     return newsimages_new_batches_sensor

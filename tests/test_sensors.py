@@ -11,7 +11,7 @@ from dagster import AssetMaterialization, DagsterInstance, SkipReason, build_sen
 
 from model.demo_corpus import generate_demo_corpus, insert_demo_documents, write_demo_files
 from pipelines.definitions import defs
-from pipelines.resources import MongoResource, PipelineSettings
+from pipelines.resources import MongoResource
 from pipelines.sensors import (
     NEWSIMAGES_SENSOR,
     NYTIMES_ARTICLES_KEY,
@@ -200,7 +200,6 @@ def test_cursor_rejects_garbage():
 
 
 def test_newsimages_sensor_registers_new_batches(tmp_path):
-    pytest.importorskip("model.newsimages", reason="the NewsImages reader (model.newsimages) is not in this checkout")
     corpus = generate_demo_corpus(n_articles=12, seed=0, n_days=3)
     source_dir = write_demo_files(corpus, tmp_path / "demo")["newsimages"]
     instance = DagsterInstance.ephemeral()
@@ -228,14 +227,20 @@ def test_newsimages_sensor_skips_missing_folder(tmp_path):
     assert "does not exist" in result.skip_message
 
 
-def test_newsimages_sensor_reads_folder_from_settings(tmp_path, monkeypatch):
-    monkeypatch.delenv("NEWSLXMERT_NEWSIMAGES_SOURCE_DIR", raising=False)
-    sensor = defs.get_sensor_def(NEWSIMAGES_SENSOR) if NEWSIMAGES_SENSOR in {s.name for s in defs.sensors or []} else None
-    if sensor is None:
-        pytest.skip("no NewsImages article-level assets in this checkout, so no NewsImages sensor")
-    context = build_sensor_context(instance=DagsterInstance.ephemeral(), resources={"settings": PipelineSettings(data_root=str(tmp_path))})
+def test_newsimages_sensor_reads_the_raw_articles_folder_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("NEWSLXMERT_NEWSIMAGES_SOURCE", str(tmp_path / "sources"))
+    sensor = defs.get_sensor_def(NEWSIMAGES_SENSOR)
+    context = build_sensor_context(instance=DagsterInstance.ephemeral())
 
     data = sensor.evaluate_tick(context)
 
     assert data.run_requests == []
-    assert str(tmp_path / "sources" / "newsimages") in data.skip_message
+    assert str(tmp_path / "sources") in data.skip_message
+
+
+def test_newsimages_sensor_skips_without_folder_setting(monkeypatch):
+    monkeypatch.delenv("NEWSLXMERT_NEWSIMAGES_SOURCE", raising=False)
+
+    result = newsimages_new_batch_requests(build_sensor_context(instance=DagsterInstance.ephemeral()), None)
+
+    assert "NEWSLXMERT_NEWSIMAGES_SOURCE is not set" in result.skip_message

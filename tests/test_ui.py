@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from dagster_dev_server import HeadlessChromium, chromium_path
-from pipelines.definitions import defs
+from pipelines.definitions import all_assets
 
 pytestmark = pytest.mark.skipif(
     chromium_path() is None, reason="chromium is not installed; install Debian's package: apt-get install -y chromium"
@@ -22,9 +22,13 @@ Array.from(document.querySelectorAll('[class*="AssetNode_assetName"] [data-toolt
 """
 
 
+def _defined_specs():
+    return [spec for assets_def in all_assets for spec in assets_def.specs]
+
+
 def _expected_names_by_group() -> dict[str, list[str]]:
     names = defaultdict(list)
-    for spec in defs.resolve_all_asset_specs():
+    for spec in _defined_specs():
         names[spec.group_name or "default"].append(spec.key.path[-1])
     return {group: sorted(found) for group, found in sorted(names.items())}
 
@@ -50,7 +54,7 @@ def _wait_for_loaded_nodes(browser: HeadlessChromium, timeout: float = 30) -> No
 
 def test_asset_graph_lists_every_asset(dagster_dev, tmp_path):
     expected = _expected_names_by_group()
-    dagster_dev.wait_until_serving({tuple(spec.key.path) for spec in defs.resolve_all_asset_specs()})
+    dagster_dev.wait_until_serving({tuple(spec.key.path) for spec in _defined_specs()})
 
     missing = {}
     screenshots = []
