@@ -245,6 +245,9 @@ class MarianTranslator:
         self.tokenizer, self.model = load_marian(name_or_path, setting, download)
         self.model.to(self.device)
         self.model.eval()
+        # Output length comes from max_new_tokens alone; a saved max_length would only trigger
+        # a warning on every generate() call.
+        self.model.generation_config.max_length = None
         self._torch = torch
 
         limits = [self.model.config.max_position_embeddings]
@@ -357,12 +360,16 @@ class MarianTranslator:
             stats.generate_seconds += time.perf_counter() - began
             stats.generate_calls += 1
             stats.source_tokens += int(batch["attention_mask"].sum())
-            produced = (generated[:, 1:] != pad).sum(dim=1)  # position 0 is the decoder start token
-            stats.generated_tokens += int(produced.sum())
-            stats.capped_chunks += int((produced >= limit).sum())
-            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            for index, text in zip(indexes, texts):
-                outputs[index] = text.strip()
+            for row, index in enumerate(indexes):
+                # The batch shares the bound of its longest input; cutting each row to its own
+                # bound makes the output independent of which chunks share a batch.
+                tokens = [token for token in generated[row, 1:].tolist() if token != pad]  # [0] starts decoding
+                own_limit = self.max_new_tokens(len(encoded[index]))
+                if len(tokens) >= own_limit:
+                    tokens = tokens[:own_limit]
+                    stats.capped_chunks += 1
+                stats.generated_tokens += len(tokens)
+                outputs[index] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         stats.chunks += len(chunks)
         stats.empty_chunk_outputs += sum(1 for text in outputs if not text)
         return outputs
@@ -731,7 +738,7 @@ def _tiny_model(vocab_size: int, config: TinyMarianConfig):
     model = MarianMTModel(model_config)
     model.generation_config = GenerationConfig(
         decoder_start_token_id=pad, eos_token_id=0, pad_token_id=pad, forced_eos_token_id=0,
-        bad_words_ids=[[pad]], max_length=config.max_positions, num_beams=4,
+        bad_words_ids=[[pad]], num_beams=4,
     )
     return model
 
@@ -766,7 +773,7 @@ def _train(model, tokenizer, pairs: list[tuple[str, str]], config: TinyMarianCon
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     seconds = time.perf_counter() - started
     steps = len(losses)
