@@ -175,6 +175,7 @@ def materialize_evaluation(
         device=device,
         model_fingerprint=fingerprint,
         title=f"{dataset}: {checkpoint.name}",
+        progress=_progress_logger(context),
     )
     context.log.info("%s evaluation:\n%s", dataset, report.table_markdown)
 
@@ -212,6 +213,22 @@ def materialize_evaluation(
         metadata[f"{split}_pool_size"] = result.size
         metadata[f"{split}_pairs_per_second"] = round(result.pairs_per_second, 1) if not result.reused_scores else "reused"
     return MaterializeResult(metadata=metadata)
+
+
+def _progress_logger(context: AssetExecutionContext, every_s: float = 30.0):
+    """Return a progress callback that logs scored pairs to the run at most every ``every_s`` seconds."""
+    started: dict[str, float] = {}
+    last_logged = [time.perf_counter()]
+
+    def report(split: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        split_started = started.setdefault(split, now)
+        if now - last_logged[0] >= every_s or done == total:
+            last_logged[0] = now
+            rate = done / max(now - split_started, 1e-9)
+            context.log.info("%s pool: %d/%d pairs scored, %.0f pairs/s", split, done, total, rate)
+
+    return report
 
 
 def _inline_png(path: Path) -> str:

@@ -956,7 +956,8 @@ def evaluate_checkpoint(
     per query and direction) and ``rank_histogram.png``. With ``model_fingerprint`` the
     score matrices are also saved under ``scores/``. A rerun with the same fingerprint,
     pool and method then reuses them, so an interrupted evaluation of several pools
-    resumes at the first pool that was not finished.
+    resumes at the first pool that was not finished. ``progress(split, done, total)`` is
+    called with 0 pairs before each pool is scored and after every batch of pairs.
     """
     if not pools:
         raise ValueError("evaluate_checkpoint needs at least one pool, such as {'test': ...}")
@@ -973,7 +974,10 @@ def evaluate_checkpoint(
             result.reused_scores = True
         else:
             logger.info("pool %s: scoring %d x %d pairs (%s)", name, len(pool), len(pool), settings.method)
-            callback = (lambda done, total, split=name: progress(split, done, total)) if progress else None
+            callback = None
+            if progress is not None:
+                progress(name, 0, len(pool) * len(pool))
+                callback = lambda done, total, split=name: progress(split, done, total)  # noqa: E731
             result = evaluate_pool(model, pool, settings, device=device, progress=callback)
             if key:
                 _save_scores(output_dir, pool.split, key, result.scores)

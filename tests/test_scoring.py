@@ -160,7 +160,17 @@ def test_evaluate_checkpoint_writes_report(tmp_path):
 
     model = make_model()
     pools = {"test": make_pool(6, "test"), "valid": make_pool(4, "valid", seed=5)}
-    report = evaluate_checkpoint(model, pools, tmp_path / "evaluation", settings=ScoringSettings(pair_batch_size=8))
+    calls = []
+    report = evaluate_checkpoint(
+        model,
+        pools,
+        tmp_path / "evaluation",
+        settings=ScoringSettings(pair_batch_size=8),
+        progress=lambda split, done, total: calls.append((split, done, total)),
+    )
+    assert calls[0] == ("test", 0, 36)
+    assert ("test", 36, 36) in calls
+    assert calls[-1] == ("valid", 16, 16)
 
     assert "| test | 6 | image → text |" in report.table_markdown
     assert "| valid | 4 | random ranking |" in report.table_markdown
