@@ -156,7 +156,11 @@ def newsimages_instance() -> DagsterInstance:
     return instance
 
 
-def test_newsimages_images_downloaded(tmp_path):
+def test_newsimages_demo_download_and_regions(tmp_path):
+    """Demo photos served over HTTP become NewsImages images, then region features."""
+    from assets.region_features import newsimages_region_features
+    from model.regions import RegionFeatureReader
+
     corpus = generate_demo_corpus(n_articles=3, seed=2)
     photos = dict(list(corpus.images.items())[:2])
     server = PhotoServer({f"{key}.jpg": data for key, data in photos.items()} | {"page.jpg": b"<html>moved</html>"})
@@ -167,9 +171,14 @@ def test_newsimages_images_downloaded(tmp_path):
         write_newsimages_articles(tmp_path, rows)
         settings = PipelineSettings(data_root=str(tmp_path), profile="tiny", device="cpu")
         result = materialize(
-            [newsimages_images],
+            [newsimages_images, newsimages_region_features],
             resources={"settings": settings},
-            run_config={"ops": {"newsimages__images": {"config": {"retries": 0, "read_timeout_s": 5.0}}}},
+            run_config={
+                "ops": {
+                    "newsimages__images": {"config": {"retries": 0, "read_timeout_s": 5.0}},
+                    "newsimages__region_features": {"config": {"loader_workers": 0}},
+                }
+            },
             partition_key=BATCH,
             instance=newsimages_instance(),
         )
@@ -188,6 +197,10 @@ def test_newsimages_images_downloaded(tmp_path):
     assert metadata["downloaded"] == 2
     assert metadata["downloaded_bytes"] == sum(len(d) for d in photos.values())
     assert metadata["failed"] == 2
+    regions = read_manifest(tmp_path / "newsimages", "region_features", BATCH)
+    assert regions["done"] == sorted(photos)
+    reader = RegionFeatureReader(tmp_path / "newsimages")
+    assert reader.get(sorted(photos)[0])["roi_features"].shape == (36, reader.feature_dim)
 
 
 def newsimages_2025_rows(shared_data: Path, count: int = 10) -> tuple[list[dict], Path]:
