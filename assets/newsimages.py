@@ -1,8 +1,8 @@
 """NewsImages ingestion: ``newsimages/raw_articles``, ``newsimages/articles``, ``newsimages/translated_articles``.
 
 One partition per source batch (a TSV/CSV file, or the 2021 test batch's pair of files).
-Partitions are dynamic: :func:`register_newsimages_batches` or the sensor
-``newsimages_batches_sensor`` adds a key for every batch found in the source folder.
+Partitions are dynamic: :func:`register_newsimages_batches` (or the NewsImages sensor in
+``pipelines.sensors``) adds a key for every batch found in the source folder.
 """
 
 # NOTE: no `from __future__ import annotations` in asset modules: Dagster resolves
@@ -18,12 +18,7 @@ from dagster import (
     DagsterInstance,
     MaterializeResult,
     MetadataValue,
-    RunRequest,
-    SensorEvaluationContext,
-    SensorResult,
-    SkipReason,
     asset,
-    sensor,
 )
 from pydantic import Field
 
@@ -68,26 +63,6 @@ def register_newsimages_batches(instance: DagsterInstance, source_dir: str | Pat
     if new:
         instance.add_dynamic_partitions(newsimages_batch_partitions.name, new)
     return new
-
-
-@sensor(
-    name="newsimages_batches_sensor",
-    asset_selection=[RAW_ARTICLES],
-    minimum_interval_seconds=300,
-    description=f"Registers a partition for each new NewsImages batch in ${SOURCE_ENV} and requests its raw_articles run.",
-)
-def newsimages_batches_sensor(context: SensorEvaluationContext):
-    folder = os.environ.get(SOURCE_ENV, "")
-    if not folder or not Path(folder).is_dir():
-        return SkipReason(f"{SOURCE_ENV} is not set to an existing folder")
-    known = set(context.instance.get_dynamic_partitions(newsimages_batch_partitions.name))
-    new = [key for key in discover_batches(folder) if key not in known]
-    if not new:
-        return SkipReason(f"no new NewsImages batches in {folder}")
-    return SensorResult(
-        run_requests=[RunRequest(partition_key=key, run_key=f"newsimages-raw-{key}") for key in new],
-        dynamic_partitions_requests=[newsimages_batch_partitions.build_add_request(new)],
-    )
 
 
 # --------------------------------------------------------------------------- raw_articles
