@@ -5,10 +5,10 @@ The checks read what each stage wrote for a partition (its manifest under
 ``<data_root>/<dataset>/<stage>/_manifests/<partition>.json``, its feature store, the
 index files) through the plain functions in ``model.quality``.
 
-Blocking checks guard against data that would corrupt training: NaN or Inf features, a
-face count that does not fit the model's face slots, an image in two splits (a test
-image seen in training), and translated NewsImages documents without English text. When
-one fails, Dagster skips the downstream assets of the same run. The share checks only
+Blocking checks guard against data that would corrupt training. They cover NaN or Inf
+features, a face count that does not fit the model's face slots, an image in two splits
+(a test image seen in training), and translated NewsImages documents without English
+text. When one fails, Dagster skips the downstream assets of the same run. The share checks only
 warn: a stage that failed on a few items leaves them out of the index, and training
 goes on without them.
 """

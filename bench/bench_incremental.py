@@ -10,8 +10,8 @@ features extracted).
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_incremental.py --articles 200
 
 The wall time of the articles stage includes starting and stopping the embedded
-SecantusDB server (about 2.5 s per run on the reference machine), which a MongoDB server
-reached by URI does not pay; the export's own ``seconds`` counter is printed beside it.
+SecantusDB server (about 2.5 s per run on a 2-core machine). A MongoDB server reached by
+URI does not add that cost, so the export's own ``seconds`` counter is printed beside it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DAY = dt.date(2024, 1, 1)
 STAGE_ORDER = ("articles", "images", "entities", "region_features", "face_features")
-# Counters that say how much work a run did, by stage.
+# Counters that show how much work a run did, by stage.
 WORK_COUNTERS = {
     "articles": ("exported", "written", "unchanged", "seconds"),
     "images": ("images", "fetched", "skipped_existing", "seconds"),

@@ -1,8 +1,7 @@
 """Data-quality measurements over the stages' outputs, for the pipeline's asset checks.
 
 Each function reads what a stage wrote (its partition manifest, its feature store, the
-index files) and returns plain numbers and example ids; deciding pass or fail is left to
-the caller. Manifest fields read here:
+index files) and returns plain numbers and example ids. The caller decides pass or fail. Manifest fields read here:
 
 - ``images``: ``{"images": [hash, ...], "failed": [{"image_hash", "aid", "reason"}, ...]}``
 - ``region_features``, ``face_features``: ``{"done": [hash, ...], "failed": [{"image_hash", "reason"}, ...]}``

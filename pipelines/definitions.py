@@ -1,7 +1,7 @@
 """The code location that ``dagster dev`` and ``dagster asset materialize`` load.
 
-Every asset and asset check in the ``assets`` package is loaded automatically; the jobs
-are built from them (``pipelines.jobs``), and the schedule and sensors target those jobs.
+Every asset and asset check in the ``assets`` package is loaded automatically. The jobs
+are built from those assets (``pipelines.jobs``), and the schedule and sensors target the jobs.
 The executor comes from ``NEWSLXMERT_EXECUTOR`` (``pipelines.executors``).
 """
 

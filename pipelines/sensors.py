@@ -8,7 +8,7 @@ as a dynamic partition and requests the article-level stages for it.
 How the NYTimes800k sensor finds new documents
 ----------------------------------------------
 The cursor stores the highest ObjectId ``_id`` seen, the collection's document count and
-the number of documents per UTC publication day. A tick first asks for documents whose
+the number of documents per UTC publication day. A tick first queries the documents whose
 ``_id`` is above the stored one: ObjectIds start with their creation time in seconds, so
 ids made by drivers at insert time grow with insertion, and this query walks only the
 new tail of the ``_id`` index. When the collection grew by exactly the number of
@@ -72,7 +72,7 @@ _PUBLICATION_DAY_EXPRESSION = {
 
 @dataclasses.dataclass
 class ArticleCursor:
-    """What the NYTimes800k sensor knew about the collection after its last tick."""
+    """The state of the collection as the NYTimes800k sensor saw it at its last tick."""
 
     last_object_id: str | None  # hex of the highest ObjectId _id, None when there was none
     total: int  # documents in the collection
@@ -203,7 +203,7 @@ def consecutive_runs(keys: Sequence[str], all_keys: Sequence[str], max_per_run: 
 
 
 def partition_run_request(keys: Sequence[str], run_key_suffix: str, tags: Mapping[str, str] | None = None) -> RunRequest:
-    """One run for a single partition or for a range of neighbouring partitions."""
+    """Build the run request for a single partition or for a range of neighbouring partitions."""
     tags = dict(tags or {})
     if len(keys) == 1:
         return RunRequest(partition_key=keys[0], run_key=f"{keys[0]}:{run_key_suffix}", tags=tags)
@@ -212,10 +212,10 @@ def partition_run_request(keys: Sequence[str], run_key_suffix: str, tags: Mappin
 
 
 def embedded_mongo_busy(mongo: MongoResource) -> bool:
-    """True when a run holds the embedded server's lock, so that opening it would wait.
+    """Return True when a run holds the embedded server's lock, so that opening it would wait.
 
     A sensor tick has a time limit (60 s by default), and an export holds the lock for
-    its whole run; a busy tick is skipped and the next one tries again.
+    its whole run. So a tick that finds the lock taken skips, and the next tick retries.
     """
     # NOTE: this mirrors the lock file that MongoResource.open_collection takes
     # (<data_root>/.mongo.lock). A non-blocking option on the resource would remove the
@@ -251,7 +251,7 @@ def _split_by_partition_existence(days: Iterable[str]) -> tuple[list[str], list[
 def nytimes_new_article_requests(
     context: SensorEvaluationContext, mongo: MongoResource, max_per_run: int = MAX_PARTITIONS_PER_RUN
 ) -> SensorResult | SkipReason:
-    """The body of the NYTimes800k sensor: scan, decide which days to run, advance the cursor."""
+    """Scan the collection, request runs for the changed days and advance the cursor (the sensor's body)."""
     previous = ArticleCursor.from_json(context.cursor)
     if embedded_mongo_busy(mongo):
         return SkipReason(f"the embedded MongoDB at {mongo.describe()} is in use by a run; the next tick retries")
@@ -317,7 +317,7 @@ def build_nytimes_new_articles_sensor(job_name: str, minimum_interval_seconds: i
 
 
 def newsimages_source_dir() -> Path | None:
-    """The NewsImages source folder from ``NEWSLXMERT_NEWSIMAGES_SOURCE``, or None when unset.
+    """Return the NewsImages source folder from ``NEWSLXMERT_NEWSIMAGES_SOURCE``, or None when unset.
 
     It must be the variable that newsimages/raw_articles reads, because the runs this
     sensor requests carry no run config.
@@ -327,7 +327,7 @@ def newsimages_source_dir() -> Path | None:
 
 
 def newsimages_new_batch_requests(context: SensorEvaluationContext, source_dir: Path | None) -> SensorResult | SkipReason:
-    """The body of the NewsImages sensor: register new batches and run each of them."""
+    """Register new NewsImages batches as partitions and request a run for each (the sensor's body)."""
     from model.newsimages import discover_batches
 
     if source_dir is None:

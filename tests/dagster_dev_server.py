@@ -142,7 +142,7 @@ class DagsterDev:
         return result["data"]
 
     def wait_until_serving(self, expected_asset_keys: set[tuple[str, ...]], timeout: float = 240) -> None:
-        """Wait until the webserver answers and the code location lists every expected asset."""
+        """Wait until the webserver responds and the code location lists every expected asset."""
         deadline = time.monotonic() + timeout
         last_error = "no answer yet"
         while time.monotonic() < deadline:
