@@ -67,6 +67,10 @@ ORIGINAL_POOL_SIZES = {"test": 1024, "valid": 512}
 DIRECTIONS = ("image_to_text", "text_to_image")
 DIRECTION_LABELS = {"image_to_text": "image → text", "text_to_image": "text → image"}
 
+# Pool building stops when this many pairs in a row fail before any loads: then the cause
+# is a missing stage rather than a few bad items.
+MAX_FAILURES_BEFORE_FIRST_ITEM = 100
+
 TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 VISUAL_KEYS = ("visual_feats", "visual_pos", "face_feats", "face_mask")
 
@@ -205,6 +209,11 @@ def _walk_index(
                 loaded.append(load(position))
             except (KeyError, IndexError, FileNotFoundError, ValueError) as error:
                 failures.append((aid, iid, str(error)))
+                if not loaded and len(failures) >= MAX_FAILURES_BEFORE_FIRST_ITEM:
+                    raise ValueError(
+                        f"the first {len(failures)} pairs of the index all failed to load, so a stage is probably "
+                        f"missing; first failure: pair ({failures[0][0]}, {failures[0][1]}): {failures[0][2]}"
+                    ) from error
                 continue
         seen_articles.add(aid)
         chosen.append((aid, iid))

@@ -60,7 +60,7 @@ def _build(lookups, tokenizer, size, *, regions=None, distinct_articles=True, mo
         lookups.pairs,
         size,
         articles=lookups.records.__getitem__,
-        regions=(regions or lookups.regions).__getitem__,
+        regions=(lookups.regions if regions is None else regions).__getitem__,
         faces=lookups.faces.__getitem__,
         tokenizer=tokenizer,
         data_config=PairDatasetConfig(dataset="nytimes800k", mode=mode, use_faces=True, max_seq_len=40),
@@ -104,6 +104,15 @@ def test_build_pool_replaces_pairs_that_fail_to_load(lookups, tokenizer):
     aid, iid, reason = pool.selection.failures[0]
     assert (aid, iid) == lookups.pairs[0]
     assert missing_hash in reason
+
+
+def test_build_pool_without_any_features_fails_fast(lookups, tokenizer, monkeypatch):
+    import model.evaluation
+
+    monkeypatch.setattr(model.evaluation, "MAX_FAILURES_BEFORE_FIRST_ITEM", 3)
+    with pytest.raises(ValueError, match="first 3 pairs of the index all failed") as caught:
+        _build(lookups, tokenizer, 5, regions={})
+    assert lookups.records[lookups.pairs[0][0]].image_hashes[0] in str(caught.value)
 
 
 def test_build_pool_smaller_split_is_reported(lookups, tokenizer):
