@@ -175,44 +175,69 @@ def test_unknown_backend():
         build_backend(BackendSettings(backend="yolo"))
 
 
-def test_detectron2_backend(tmp_path):
+@pytest.mark.parametrize("heads", ["fpn", "c4"])
+def test_detectron2_backend(tmp_path, heads):
     pytest.importorskip("detectron2", reason="detectron2 is not installed; it installs only from its own source")
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    # A small, randomly initialised FPN model saved as a checkpoint, then loaded by the backend.
+    # A small, randomly initialised model saved as a checkpoint, then loaded by the backend.
     cfg = get_cfg()
     cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 50
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.RESNETS.DEPTH = 18  # the smallest ResNet detectron2 builds
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64  # required for depths 18 and 34
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 128
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    if heads == "fpn":
+        cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+        cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+        cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+        cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+        cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+        cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+        cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 128
+        cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+        expected_dim = 128
+    else:  # detectron2's default: ResNet C4 with res5 as the box head
+        expected_dim = 512  # res5 channels of a ResNet-18
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 100
     cfg.INPUT.MIN_SIZE_TEST = 128
     cfg.INPUT.MAX_SIZE_TEST = 200
     config_file = tmp_path / "frcnn.yaml"
     config_file.write_text(cfg.dump())
     torch.manual_seed(0)
-    torch.save({"model": build_model(cfg).state_dict()}, tmp_path / "model.pth")
+    model = build_model(cfg)
+    # A random ResNet gives activations in the hundreds, which turn random box deltas into
+    # degenerate boxes, so zero deltas keep each region at its proposal.
+    torch.nn.init.zeros_(model.roi_heads.box_predictor.bbox_pred.weight)
+    torch.save({"model": model.state_dict()}, tmp_path / "model.pth")
 
     backend = build_backend(
         BackendSettings(backend="detectron2", detectron2_config=str(config_file), weights=str(tmp_path / "model.pth"))
     )
-    assert backend.feature_dim == 128
-    image = DecodedImage("x", torch.randint(0, 255, (3, 120, 160), dtype=torch.uint8), 160, 120)
-    other = DecodedImage("y", torch.randint(0, 255, (3, 90, 170), dtype=torch.uint8), 170, 90)
-    batched = backend.extract([image, other])
-    assert batched[0].roi_features.shape == (N_REGIONS, 128)
-    assert_same_regions(batched[0], backend.extract([image])[0])
-    assert_same_regions(batched[1], backend.extract([other])[0])
+    assert backend.feature_dim == expected_dim
+    generator = torch.Generator().manual_seed(1)
+    images = [
+        DecodedImage(f"same-size-{i}", torch.randint(0, 255, (3, 120, 160), dtype=torch.uint8, generator=generator), 160, 120)
+        for i in range(3)
+    ]
+    images.append(DecodedImage("other-size", torch.randint(0, 255, (3, 90, 170), dtype=torch.uint8, generator=generator), 170, 90))
+    batched = backend.extract(images)
+    for image, together in zip(images, batched):
+        assert together.roi_features.shape == (N_REGIONS, expected_dim)
+        assert together.n_regions >= 1
+        assert np.all(together.boxes[: together.n_regions, 2] <= image.width + 1e-3)
+        alone = backend.extract([image])[0]
+        # detectron2's batched ResNet rounds differently from a single image. Random weights
+        # amplify that into boxes a little apart, whose pooled features differ by up to 1%
+        # in single elements, so features are compared by their relative distance.
+        assert together.n_regions == alone.n_regions
+        assert together.obj_ids.tolist() == alone.obj_ids.tolist()
+        np.testing.assert_allclose(together.boxes, alone.boxes, rtol=1e-3, atol=1e-2)
+        relative = np.linalg.norm(together.roi_features - alone.roi_features) / np.linalg.norm(alone.roi_features)
+        assert relative < 1e-3, f"{image.key}: batched features differ by {relative:.2e} relative to single-image ones"
 
 
 # -- the extraction loop ---------------------------------------------------------------------

@@ -9,6 +9,11 @@ res5 block's output averaged over the pooled grid for C4 models (``Res5ROIHeads`
 detectron2 numbers the background class last (index K), so object ids are 0..K-1.
 Standard detectron2 has no attribute head, so ``attr_ids`` are -1 and ``attr_probs`` 0.
 
+Images are grouped by padded input size for a batched backbone pass; the RPN and box
+heads then run per image. detectron2's CPU convolutions round differently for different
+batch sizes, so batched regions equal single-image ones only up to that rounding (checked
+in the tests with detectron2 0.6 built from source at commit 02b5c4e2).
+
 detectron2 is not on PyPI; it installs from its own source. Importing this module without
 it raises ImportError with that hint.
 """
@@ -141,52 +146,56 @@ class Detectron2Backend(RegionBackend):
         return results
 
     def _forward_group(self, inputs: list[dict[str, Any]], images: list[DecodedImage], probe: bool) -> list[Any]:
+        from detectron2.structures import ImageList
+
         model = self.model
         batch = model.preprocess_image(inputs)  # normalised, padded ImageList
-        features = model.backbone(batch.tensor)
-        proposals, _ = model.proposal_generator(batch, features, None)
-        proposal_boxes = [p.proposal_boxes for p in proposals]
-        heads = model.roi_heads
-        if self.c4:
-            pooled = heads._shared_roi_transform([features[f] for f in heads.in_features], proposal_boxes)
-            representation = pooled.mean(dim=[2, 3])  # (sum R, 2048)
-        else:
-            pooled = heads.box_pooler([features[f] for f in heads.box_in_features], proposal_boxes)
-            representation = heads.box_head(pooled)  # (sum R, D)
-        representation = representation.flatten(1)
-        if probe:
-            return [representation.shape[1]] * len(images)
-        predictions = heads.box_predictor(representation)
-        class_boxes = heads.box_predictor.predict_boxes(predictions, proposals)  # per image (R, K*4) or (R, 4)
-        probabilities = heads.box_predictor.predict_probs(predictions, proposals)  # per image (R, K+1)
-
-        counts = [len(p) for p in proposals]
+        features = model.backbone(batch.tensor)  # the costly part, batched
         outputs = []
-        for image, size, rep, boxes, probs in zip(images, batch.image_sizes, representation.split(counts), class_boxes, probabilities):
-            foreground = probs[:, :-1]  # background is the last class in detectron2
-            scores, labels = foreground.max(dim=1)
-            if boxes.shape[1] == 4:  # class-agnostic box regression
-                chosen_boxes = boxes
-            else:
-                chosen_boxes = boxes.view(len(boxes), -1, 4)[torch.arange(len(labels)), labels]
-            height, width = size
-            chosen_boxes[:, 0::2] = chosen_boxes[:, 0::2].clamp(0, width)
-            chosen_boxes[:, 1::2] = chosen_boxes[:, 1::2].clamp(0, height)
-            chosen = choose_regions(
-                chosen_boxes, scores, labels, self.nms_thresh, self.score_thresh, self.min_regions, N_REGIONS
-            )
-            scale = torch.tensor(
-                [image.width / width, image.height / height, image.width / width, image.height / height],
-                device=chosen_boxes.device,
-            )
-            outputs.append(
-                pad_regions(
-                    roi_features=rep[chosen].float().cpu().numpy(),
-                    boxes=(chosen_boxes[chosen] * scale).float().cpu().numpy(),
-                    obj_ids=labels[chosen].cpu().numpy().astype(np.int64),
-                    obj_probs=scores[chosen].float().cpu().numpy(),
-                    width=image.width,
-                    height=image.height,
-                )
-            )
+        # As in the torchvision backend, the RPN and box heads run per image so that an
+        # image's regions do not depend on its batch mates.
+        for index, image in enumerate(images):
+            size = batch.image_sizes[index]
+            maps = {name: level[index : index + 1] for name, level in features.items()}
+            single = ImageList(batch.tensor[index : index + 1], [size])
+            proposals, _ = model.proposal_generator(single, maps, None)
+            representation = self._box_representation(maps, [p.proposal_boxes for p in proposals])  # (R, D)
+            if probe:
+                return [representation.shape[1]] * len(images)
+            outputs.append(self._select(image, size, proposals, representation))
         return outputs
+
+    def _box_representation(self, maps: dict[str, torch.Tensor], proposal_boxes: list) -> torch.Tensor:
+        heads = self.model.roi_heads
+        if self.c4:
+            pooled = heads._shared_roi_transform([maps[f] for f in heads.in_features], proposal_boxes)
+            return pooled.mean(dim=[2, 3])  # (R, 2048)
+        pooled = heads.box_pooler([maps[f] for f in heads.box_in_features], proposal_boxes)
+        return heads.box_head(pooled).flatten(1)  # (R, D)
+
+    def _select(self, image: DecodedImage, size: tuple[int, int], proposals: list, representation: torch.Tensor) -> RegionFeatures:
+        predictor = self.model.roi_heads.box_predictor
+        predictions = predictor(representation)
+        boxes = predictor.predict_boxes(predictions, proposals)[0]  # (R, K*4), or (R, 4) class-agnostic
+        probs = predictor.predict_probs(predictions, proposals)[0]  # (R, K+1)
+        scores, labels = probs[:, :-1].max(dim=1)  # background is the last class in detectron2
+        if boxes.shape[1] == 4:
+            chosen_boxes = boxes
+        else:
+            chosen_boxes = boxes.view(len(boxes), -1, 4)[torch.arange(len(labels)), labels]
+        height, width = size
+        chosen_boxes[:, 0::2] = chosen_boxes[:, 0::2].clamp(0, width)
+        chosen_boxes[:, 1::2] = chosen_boxes[:, 1::2].clamp(0, height)
+        chosen = choose_regions(chosen_boxes, scores, labels, self.nms_thresh, self.score_thresh, self.min_regions, N_REGIONS)
+        scale = torch.tensor(
+            [image.width / width, image.height / height, image.width / width, image.height / height],
+            device=chosen_boxes.device,
+        )
+        return pad_regions(
+            roi_features=representation[chosen].float().cpu().numpy(),
+            boxes=(chosen_boxes[chosen] * scale).float().cpu().numpy(),
+            obj_ids=labels[chosen].cpu().numpy().astype(np.int64),
+            obj_probs=scores[chosen].float().cpu().numpy(),
+            width=image.width,
+            height=image.height,
+        )
