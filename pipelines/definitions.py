@@ -7,10 +7,12 @@ The executor comes from ``NEWSLXMERT_EXECUTOR`` (``pipelines.executors``).
 
 from __future__ import annotations
 
+import logging
+
 from dagster import Definitions, load_asset_checks_from_package_module, load_assets_from_package_module
 
 import assets
-from pipelines.executors import executor_from_env
+from pipelines.executors import GPU_OP_TAGS, executor_from_env, untagged_gpu_assets
 from pipelines.jobs import NEWSIMAGES_ARTICLE_STAGES_JOB, NYTIMES_ARTICLE_STAGES_JOB, build_jobs
 from pipelines.resources import MongoResource, PipelineSettings
 from pipelines.schedules import build_nytimes_daily_schedule
@@ -26,6 +28,12 @@ all_asset_checks = [
     if all(check_key.asset_key in asset_keys for check_key in checks_def.check_keys)
 ]
 jobs = build_jobs(all_assets)
+
+_untagged = untagged_gpu_assets(all_assets)
+if _untagged:
+    logging.getLogger(__name__).warning(
+        "GPU-bound assets without op_tags=%s run without the GPU concurrency limit: %s", GPU_OP_TAGS, ", ".join(_untagged)
+    )
 
 schedules = []
 sensors = []

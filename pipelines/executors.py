@@ -46,6 +46,20 @@ GPU_BOUND_ASSETS = (
 K8S_EXECUTOR_CONFIG = Path(__file__).resolve().parent / "k8s" / "executor.yaml"
 
 
+def untagged_gpu_assets(assets_defs) -> list[str]:
+    """Keys of the GPU-bound assets among ``assets_defs`` whose op lacks the gpu concurrency tag."""
+    gpu_keys = {"/".join(path) for path in GPU_BOUND_ASSETS}
+    untagged = []
+    for assets_def in assets_defs:
+        if not getattr(assets_def, "is_executable", False):
+            continue
+        for key in assets_def.keys:
+            name = key.to_user_string()
+            if name in gpu_keys and assets_def.op.tags.get(CONCURRENCY_KEY_TAG) != GPU_POOL:
+                untagged.append(name)
+    return sorted(untagged)
+
+
 def _positive_int_env(name: str, default: int | None) -> int | None:
     raw = os.environ.get(name)
     if raw is None or raw == "":
