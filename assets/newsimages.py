@@ -46,7 +46,7 @@ TRANSLATED_ARTICLES = AssetKey([DATASET, "translated_articles"])
 
 
 def source_folder(configured: str) -> Path:
-    """The source folder from the Config field, else from NEWSLXMERT_NEWSIMAGES_SOURCE."""
+    """Return the source folder from the Config field, else from NEWSLXMERT_NEWSIMAGES_SOURCE."""
     folder = configured or os.environ.get(SOURCE_ENV, "")
     if not folder:
         raise ValueError(
@@ -251,7 +251,7 @@ class TranslationConfig(Config):
 
 
 def _load_translator(context: AssetExecutionContext, config: TranslationConfig, settings: PipelineSettings, articles_root: Path, items) -> tuple[MarianTranslator, dict]:
-    """The translator of the active profile, and metadata describing the model."""
+    """Load the translator of the active profile; return it with metadata describing the model."""
     translation_settings = TranslationSettings(
         num_beams=config.num_beams,
         batch_size=config.batch_size,

@@ -170,7 +170,7 @@ class Table:
     malformed: list[RowFailure]
 
     def column(self, *aliases: str) -> str | None:
-        """The header name matching the first of ``aliases`` (compared case-insensitively)."""
+        """Return the header name matching the first of ``aliases``, compared case-insensitively."""
         by_lower = {name.lower(): name for name in self.header}
         for alias in aliases:
             if alias in by_lower:
@@ -251,7 +251,7 @@ def _header_names(path: Path) -> set[str] | None:
 
 
 def detect_layout(header: set[str]) -> str | None:
-    """The layout a header row belongs to: "2021", "2023", "2025", "2021-articles", "2021-images"."""
+    """Return the layout of a header row: "2021", "2023", "2025", "2021-articles", "2021-images" or None."""
     if {"article_id", "article_title", "image_id", "image_url"} <= header:
         return "2025"
     if {"aid", "title", "text"} <= header and header & {"hashvalue", "imgfile", "img", "iid"}:
@@ -270,7 +270,7 @@ _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def batch_key(stem: str) -> str:
-    """The partition key for a file stem: characters outside ``[A-Za-z0-9._-]`` become ``_``."""
+    """Return the partition key of a file stem, with characters outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
     key = _UNSAFE_KEY_CHARS.sub("_", stem).strip("._") or "batch"
     return check_safe_id(key)
 
@@ -287,7 +287,7 @@ def _candidate_files(source_dir: Path) -> list[Path]:
 
 
 def find_batches(source_dir: Path | str) -> dict[str, SourceBatch]:
-    """Every NewsImages batch under ``source_dir`` (searched recursively), by key.
+    """Find every NewsImages batch under ``source_dir``, searched recursively, and return them by key.
 
     Files whose header matches no layout are skipped with a log message. Two files that
     would get the same key raise SourceFormatError naming both.
@@ -332,7 +332,7 @@ def find_batches(source_dir: Path | str) -> dict[str, SourceBatch]:
 
 
 def discover_batches(source_dir: Path | str) -> list[str]:
-    """The sorted partition keys of every batch under ``source_dir``, for dynamic partitions."""
+    """Return the sorted partition keys of every batch under ``source_dir``, for dynamic partitions."""
     return list(find_batches(source_dir))
 
 
@@ -360,7 +360,7 @@ def split_tags(value: str) -> list[str]:
 
 
 def tags_as_text(tags: list[str]) -> str:
-    """The text a model reads for a tags-only article: the tags as a comma-separated phrase."""
+    """Join the tags of a tags-only article into the text a model reads, a comma-separated phrase."""
     return ", ".join(tags)
 
 
@@ -394,7 +394,7 @@ def _image_stem(value: str) -> str | None:
 
 
 def parse_date(value: str) -> dt.datetime | None:
-    """A publication date as a UTC datetime, or None when ``value`` is empty or not ISO-8601."""
+    """Parse a publication date into a UTC datetime; return None when ``value`` is empty or not ISO-8601."""
     value = clean_text(value)
     if not value:
         return None
@@ -427,11 +427,11 @@ def normalized_document(
     text_en: str | None = None,
     pub_date: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """One article in the schema every later stage reads.
+    """Build one article in the schema every later stage reads.
 
-    ``_id`` and ``aid`` are the same string (the file name of the exported article), ``iid``
-    is 0 because a NewsImages article has one image, ``image_hash`` is the image's file stem
-    (the source's own hash or id, else the sha256 of the image URL), and ``source`` keeps
+    ``_id`` and ``aid`` are the same string, the file name of the exported article. ``iid``
+    is 0 because a NewsImages article has one image. ``image_hash`` is the image's file
+    stem: the source's own hash or id, else the sha256 of the image URL. ``source`` keeps
     the row's own fields. ``split`` and ``batch`` are added when the document is first
     inserted.
     """
@@ -681,14 +681,17 @@ def read_batch(
 
 @dataclasses.dataclass(frozen=True)
 class SplitPolicy:
-    """How new articles are assigned to splits, per edition.
+    """Rules that assign new articles to splits, per edition.
 
     Each edition gets ``test_size`` test and ``valid_size`` valid articles in total, as the
-    original NewsLXMERT did for NewsImages 2021 (1,000 and 500); the rest are train. A batch
-    fills the remaining test and valid quotas, in a seeded order, but gives them at most
+    original NewsLXMERT did for NewsImages 2021 (1,000 and 500). The rest are train. A batch
+    fills the remaining test and valid quotas in a seeded order, but gives them at most
     ``max_heldout_fraction`` of its new articles, so that small editions and the first
     batches keep training data. A split is stored when the article is first inserted and
     never recomputed, so articles do not move when later batches arrive.
+
+    NOTE: the quotas are counted before a batch is written. Two batches loaded at the same
+    time into an external MongoDB can overshoot them; the embedded server serializes loads.
     """
 
     test_size: int = 1000
@@ -733,7 +736,7 @@ def assign_splits(new_ids: list[str], existing: Mapping[str, int], policy: Split
 
 @dataclasses.dataclass
 class LoadReport:
-    """What loading one batch did to the collection."""
+    """Counts and failures of loading one batch into the collection."""
 
     batch: str
     edition: str
@@ -787,8 +790,8 @@ def upsert_documents(collection, batch_read: BatchRead, policy: SplitPolicy, pag
     """Upsert the documents of one batch by ``_id`` and assign splits to the new ones.
 
     Existing documents of the same batch get their content fields set again, which changes
-    nothing when the source is unchanged; ``split`` and ``batch`` are only written on insert.
-    A document already loaded from another batch is left alone and listed in
+    nothing when the source is unchanged. ``split`` and ``batch`` are only written on
+    insert. A document already loaded from another batch is left alone and listed in
     ``in_other_batch``.
     """
     from pymongo import UpdateOne

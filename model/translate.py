@@ -2,9 +2,9 @@
 
 :class:`MarianTranslator` loads a MarianMT model by hub id (``Helsinki-NLP/opus-mt-de-en`` by
 default) or from a local ``save_pretrained`` folder. Text is split at sentence boundaries
-(spaCy's rule-based sentencizer), sentences longer than the model's input limit are split
-further at clause punctuation and then between words, and every piece is translated and
-the results rejoined in order, so nothing is cut. Pieces are translated in batches sorted
+with spaCy's rule-based sentencizer. Sentences longer than the model's input limit are
+split further at clause punctuation, then between words. Every piece is translated and the
+results are rejoined in order, so nothing is cut. Pieces are translated in batches sorted
 by length. The number of generated tokens is bounded by the input length
 (``ceil(length_ratio * input_tokens + length_margin)``), so repetitive or ALL-CAPS input
 cannot run to the model's maximum length. Text without any letter (empty, whitespace,
@@ -142,7 +142,7 @@ def _sentencizer(language: str):
 
 
 def split_sentences(text: str, language: str = "de") -> list[tuple[int, int]]:
-    """Character spans ``(start, end)`` of the sentences of ``text``, in order.
+    """Return the character spans ``(start, end)`` of the sentences of ``text``, in order.
 
     spaCy's tokenizer keeps abbreviations such as "Dr." or "z. B." together and splits
     "berichtet.Eine", so the rule-based sentencizer handles both.
@@ -170,9 +170,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def load_marian(name_or_path: str, setting: str = "model", download: bool = False):
     """Load a MarianMT tokenizer and model from a local folder or the Hugging Face cache.
 
-    With ``download`` the hub is asked for a model missing from the cache; it is off by
-    default because, without network access, the hub client retries each file for minutes
-    before it fails. Raises TranslationModelNotFound naming ``setting`` when nothing loads;
+    With ``download``, a model missing from the cache is downloaded from the hub. It is off
+    by default because, without network access, the hub client retries each file for
+    minutes before it fails. Raises TranslationModelNotFound naming ``setting`` when nothing loads;
     there is no fallback to random weights.
     """
     from transformers import MarianMTModel, MarianTokenizer
@@ -206,7 +206,7 @@ def load_marian(name_or_path: str, setting: str = "model", download: bool = Fals
 
 
 def model_fingerprint(tokenizer, model) -> str:
-    """sha256 over the model's config, weights and tokenizer vocabulary and SentencePiece models."""
+    """Hash the model's config, weights, tokenizer vocabulary and SentencePiece models with sha256."""
     digest = hashlib.sha256()
     digest.update(type(model).__name__.encode())
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
@@ -264,7 +264,7 @@ class MarianTranslator:
     # ---- chunking
 
     def token_count(self, text: str) -> int:
-        """Tokens of ``text`` as the encoder sees it, end-of-sequence token included."""
+        """Count the encoder tokens of ``text``, end-of-sequence token included."""
         return len(self.tokenizer(text)["input_ids"])
 
     def plan(self, text: str) -> list[_Piece]:
@@ -289,7 +289,7 @@ class MarianTranslator:
         return pieces
 
     def _fit(self, sentence: str) -> list[_Piece]:
-        """``sentence`` as pieces of at most ``input_limit`` tokens, split at clauses, then words, then characters."""
+        """Split ``sentence`` into pieces of at most ``input_limit`` tokens: at clauses, then words, then characters."""
         if self.token_count(sentence) <= self.input_limit:
             return [_Piece(sentence, True)]
         for pattern in (_CLAUSE_BREAK, re.compile(r"\s+")):
@@ -341,10 +341,12 @@ class MarianTranslator:
         stats = stats if stats is not None else TranslationStats()
         if not chunks:
             return []
+
         encoded = self.tokenizer(list(chunks))["input_ids"]
         too_long = [i for i, ids in enumerate(encoded) if len(ids) > self.input_limit]
         if too_long:
             raise ValueError(f"chunk {too_long[0]} has {len(encoded[too_long[0]])} tokens, over the input limit {self.input_limit}")
+
         order = sorted(range(len(chunks)), key=lambda i: (-len(encoded[i]), i))
         outputs: list[str] = [""] * len(chunks)
         pad = self.tokenizer.pad_token_id
@@ -354,14 +356,16 @@ class MarianTranslator:
             batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
             longest = max(len(encoded[i]) for i in indexes)
             limit = self.max_new_tokens(longest)
+
             began = time.perf_counter()
             with torch.inference_mode():
                 generated = self.model.generate(**batch, num_beams=self.settings.num_beams, max_new_tokens=limit, do_sample=False)
             stats.generate_seconds += time.perf_counter() - began
             stats.generate_calls += 1
             stats.source_tokens += int(batch["attention_mask"].sum())
+
             for row, index in enumerate(indexes):
-                # The batch shares the bound of its longest input; cutting each row to its own
+                # The batch shares the bound of its longest input. Cutting each row to its own
                 # bound makes the output independent of which chunks share a batch.
                 tokens = [token for token in generated[row, 1:].tolist() if token != pad]  # [0] starts decoding
                 own_limit = self.max_new_tokens(len(encoded[index]))
@@ -370,6 +374,7 @@ class MarianTranslator:
                     stats.capped_chunks += 1
                 stats.generated_tokens += len(tokens)
                 outputs[index] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
         stats.chunks += len(chunks)
         stats.empty_chunk_outputs += sum(1 for text in outputs if not text)
         return outputs
@@ -390,7 +395,7 @@ class MarianTranslator:
 
 
 def _split_keep_separators(text: str, pattern: re.Pattern) -> list[tuple[str, str]]:
-    """``text`` split at ``pattern`` as ``(part, separator after it)`` pairs."""
+    """Split ``text`` at ``pattern`` into ``(part, separator after it)`` pairs."""
     parts, position = [], 0
     for match in pattern.finditer(text):
         if match.start() == 0 or match.end() == len(text):
@@ -407,7 +412,7 @@ FIELDS = (("title", "title_en"), ("text", "text_en"))
 
 
 def source_fingerprint(document: Mapping[str, Any]) -> str:
-    """sha256 of what translation reads: title, text, language and any English the source gave."""
+    """Hash what translation reads with sha256: title, text, language and any English the source gave."""
     payload = {
         "language": document.get("language"),
         **{field: document.get(field) or "" for field, _ in FIELDS},
@@ -417,7 +422,7 @@ def source_fingerprint(document: Mapping[str, Any]) -> str:
 
 
 def field_plan(document: Mapping[str, Any]) -> dict[str, str]:
-    """How each field gets its English: "given" by the source, "no_text" copied as is, or "translate"."""
+    """Decide how each field gets its English: "given" by the source, "no_text" copied as is, or "translate"."""
     english = str(document.get("language") or "").lower().startswith("en")
     plan = {}
     for field, target in FIELDS:
@@ -441,7 +446,7 @@ class TranslationFailure:
 
 @dataclasses.dataclass
 class TranslationReport:
-    """What one translate_articles() call did."""
+    """Counts, failures and throughput of one translate_articles() call."""
 
     documents: int = 0
     translated_documents: int = 0
@@ -590,7 +595,7 @@ def translate_articles(
 
 
 def _untranslated_english(document: Mapping[str, Any], field: str, target: str, how: str) -> str:
-    """The English of a field that is not translated: the source's own English, else the field itself."""
+    """Return the English of a field that is not translated: the source's own English, else the field itself."""
     if how == "given" and document.get(target) is not None:
         return document[target]
     return document.get(field) or ""
@@ -797,8 +802,8 @@ def build_tiny_marian(
 
     The tokenizer is trained on both sides of ``pairs`` plus ``corpus_texts``. With pairs,
     the model is trained on all but a held-out share of the distinct German sentences and
-    evaluated on that share; without pairs it stays randomly initialized and its output
-    is meaningless (for tests of the pipeline only).
+    evaluated on that share. Without pairs it stays randomly initialized, so its output is
+    meaningless and fit for pipeline tests only.
     """
     import torch
 

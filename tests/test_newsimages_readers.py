@@ -68,7 +68,8 @@ def test_real_2021_files(shared_data):
     january = read_batch(batches["content2019-01"], source)
     february = read_batch(batches["content2019-02"], source)
     assert (len(january.documents), len(february.documents)) == (2539, 2604)
-    assert january.failures == [] and february.failures == []
+    assert january.failures == []
+    assert february.failures == []
     assert january.encodings == {"content2019-01.tsv": "utf-8"}
     first = january.documents[0]
     assert first["_id"] == first["aid"] == "2021-118171"
@@ -113,7 +114,8 @@ def test_real_2021_splits_match_original(shared_data, mongo_client):
     january = load_batch(collection, source, "content2019-01")
     february = load_batch(collection, source, "content2019-02")
 
-    assert january.inserted == 2539 and february.inserted == 2604
+    assert january.inserted == 2539
+    assert february.inserted == 2604
     totals = Counter(doc["split"] for doc in collection.find({}, {"split": 1}))
     assert totals == {"train": 3643, "valid": 500, "test": 1000}
 
@@ -176,7 +178,8 @@ def test_2023_with_english_columns(tmp_path):
     assert first["text"] == "Tiere, Verkehr"
     assert first["image_hash"] == hashlib.sha256(b"https://rt.de/img/a.jpg").hexdigest()
     assert first["image_file"] is None
-    assert "title_en" not in second and "text_en" not in second
+    assert "title_en" not in second
+    assert "text_en" not in second
 
 
 def test_2023_without_english_columns(tmp_path):
@@ -229,7 +232,8 @@ def test_unknown_files_skipped_and_keys_unique(tmp_path):
     _write(tmp_path / "b" / "content.tsv", _tsv_2021([("2", "Zwei", "b")]))
     with pytest.raises(SourceFormatError) as raised:
         find_batches(tmp_path)
-    assert "content" in str(raised.value) and "rename" in str(raised.value)
+    assert "content" in str(raised.value)
+    assert "rename" in str(raised.value)
 
 
 def test_missing_source_folder(tmp_path):

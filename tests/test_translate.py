@@ -164,8 +164,8 @@ def test_three_thousand_words_every_chunk(overfit_model, overfit_pairs):
 
 
 def test_batched_equals_one_at_a_time(overfit_model, overfit_pairs):
-    # Sentences the model knows end before the length bound; with beam search, an output cut
-    # at the bound may depend on the batch, because the batch shares the longest row's bound.
+    # The model ends the sentences it has learned before the length bound. With beam search,
+    # an output cut at the bound may depend on the batch, which shares its longest row's bound.
     texts = [de for de, _ in overfit_pairs]
     batched = MarianTranslator(str(overfit_model), TranslationSettings(num_beams=4, batch_size=8))
     single = MarianTranslator(str(overfit_model), TranslationSettings(num_beams=4, batch_size=1))
