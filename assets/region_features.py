@@ -57,7 +57,14 @@ class RegionFeaturesConfig(Config):
     min_size: Optional[int] = Field(default=None, description="shorter side of the network input in pixels (empty: the model's)")
     max_size: Optional[int] = Field(default=None, description="cap on the longer side in pixels (empty: the model's)")
     score_thresh: Optional[float] = Field(default=None, description="minimum class probability of a region (empty: the model's)")
-    batch_size: int = Field(default=8, ge=1, description="images per forward pass")
+    batch_size: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description=(
+            "images per backbone pass; empty: 8 on CUDA, 1 on the CPU, where batched passes measured slower "
+            "(docs/benchmarks.md)"
+        ),
+    )
     loader_workers: int = Field(
         default_factory=default_num_workers, ge=0, description="DataLoader processes decoding images (0: decode in the run process)"
     )
@@ -113,7 +120,7 @@ def materialize_region_features(
             backend,
             store,
             json_dir=json_dir,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size or (8 if settings.torch_device().startswith("cuda") else 1),
             num_workers=config.loader_workers if backend.needs_pixels else 0,
             flush_every=config.images_per_write,
             max_pixels=config.max_pixels,
