@@ -184,7 +184,7 @@ class RegionReport:
 
 
 class _ImageDataset(Dataset):
-    """Decodes images in DataLoader workers; a failure becomes an item, not an exception."""
+    """Images decoded in DataLoader workers, where a failure becomes an item instead of an exception."""
 
     def __init__(self, items: list[tuple[str, Path]], backend: RegionBackend, max_pixels: int):
         self.items, self.backend, self.max_pixels = items, backend, max_pixels
@@ -287,7 +287,7 @@ def extract_regions(
             if isinstance(entry, tuple):
                 key, reason = entry
                 report.failed[key] = reason
-                logger.warning("image %s skipped: %s", key, reason)
+                logger.warning("image %s: no regions: %s", key, reason)
             else:
                 decoded.append(entry)
         if not decoded:
@@ -295,7 +295,7 @@ def extract_regions(
         for image, result in zip(decoded, backend.extract(decoded)):
             if isinstance(result, RegionFailure):
                 report.failed[image.key] = result.reason
-                logger.warning("image %s skipped: %s", image.key, result.reason)
+                logger.warning("image %s: no regions: %s", image.key, result.reason)
                 continue
             if report.feature_dim and result.feature_dim != report.feature_dim:
                 report.failed[image.key] = (

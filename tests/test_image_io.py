@@ -75,7 +75,8 @@ def test_modes_become_rgb(mode, fmt, expected):
     pixel = loaded.image.getpixel((8, 6))
     if expected is None:  # lossy JPEG colour: only check it is the intended hue
         if mode == "CMYK":
-            assert pixel[0] > 200 and pixel[1] < 60 and pixel[2] < 60
+            assert pixel[0] > 200, pixel
+            assert max(pixel[1], pixel[2]) < 60, pixel
     else:
         assert all(abs(a - b) <= 2 for a, b in zip(pixel, expected)), pixel
 
@@ -120,7 +121,8 @@ def test_exif_orientation_applied(orientation):
     x = 2 if "left" in corner else loaded.width - 3
     y = 2 if "top" in corner else loaded.height - 3
     red, green, blue = loaded.image.getpixel((x, y))
-    assert red > 200 and green < 60 and blue < 60, (corner, loaded.image.getpixel((x, y)))
+    assert red > 200, (corner, (red, green, blue))
+    assert max(green, blue) < 60, (corner, (red, green, blue))
     assert probe_size_of(data, tmp_name=f"o{orientation}.jpg") == (loaded.width, loaded.height)
 
 
@@ -236,4 +238,5 @@ def test_real_photos_decode(shared_data):
     for photo in photos:
         loaded = load_image(photo)
         assert loaded.image.mode == "RGB"
-        assert loaded.width > 0 and loaded.height > 0
+        assert loaded.width > 0
+        assert loaded.height > 0

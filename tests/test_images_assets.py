@@ -75,7 +75,8 @@ def test_nytimes_demo_images_range(tmp_path):
     failure = second["failed"][0]
     assert failure["image_hash"] == missing
     assert failure["aid"] in documents
-    assert "not in source folder" in failure["reason"] and "downloads are off" in failure["reason"]
+    assert "not in source folder" in failure["reason"]
+    assert "downloads are off" in failure["reason"]
     for image_hash in first["images"] + second["images"]:
         assert (root / "images" / f"{image_hash}.jpg").is_file()
 

@@ -107,7 +107,8 @@ def test_regions_shapes_and_boxes(backend, demo_images):
     assert regions.n_regions == N_REGIONS
     assert regions.boxes[:, 0::2].max() <= 400 + 1e-3
     assert regions.boxes[:, 1::2].max() <= 200 + 1e-3
-    assert np.all(regions.normalized_boxes >= 0) and np.all(regions.normalized_boxes <= 1)
+    assert np.all(regions.normalized_boxes >= 0)
+    assert np.all(regions.normalized_boxes <= 1)
     np.testing.assert_allclose(regions.normalized_boxes * [400, 200, 400, 200], regions.boxes, rtol=1e-5, atol=1e-3)
     assert np.all(regions.attr_ids == -1)
     assert np.all(regions.attr_probs == 0)
