@@ -33,6 +33,7 @@ from model.translate import (
     TranslationReport,
     TranslationSettings,
     MarianTranslator,
+    count_needing_model,
     ensure_tiny_marian,
     translate_articles,
 )
@@ -311,8 +312,11 @@ def newsimages_translated_articles(
     manifests = {partition: read_manifest(dataset_root, "articles", partition) for partition in context.partition_keys}
     all_items = [tuple(item) for manifest in manifests.values() for item in manifest["articles"]]
 
-    translator, model_metadata = _load_translator(context, config, settings, articles_root, all_items)
-    context.log.info("translating with %s on %s (fingerprint %s)", translator.name, translator.device, translator.fingerprint)
+    # An all-English partition (the 2025 edition) needs no model, so none is loaded for it.
+    translator, model_metadata = None, {"model": "none needed: every document is English or has no text"}
+    if count_needing_model(all_items, articles_root):
+        translator, model_metadata = _load_translator(context, config, settings, articles_root, all_items)
+        context.log.info("translating with %s on %s (fingerprint %s)", translator.name, translator.device, translator.fingerprint)
 
     reports: list[TranslationReport] = []
     for partition, manifest in manifests.items():
@@ -352,11 +356,11 @@ def newsimages_translated_articles(
             ),
             "failed_examples": MetadataValue.json([example for summary in summaries for example in summary["failed_examples"]][:10]),
             **model_metadata,
-            "model_fingerprint": translator.fingerprint,
-            "device": translator.device,
+            "model_fingerprint": translator.fingerprint if translator else "",
+            "device": translator.device if translator else "",
             "num_beams": config.num_beams,
             "batch_size": config.batch_size,
-            "input_limit_tokens": translator.input_limit,
+            "input_limit_tokens": translator.input_limit if translator else 0,
             "path": MetadataValue.path(str(out_root)),
             "partitions": len(reports),
         }

@@ -438,6 +438,20 @@ def field_plan(document: Mapping[str, Any]) -> dict[str, str]:
     return plan
 
 
+def count_needing_model(items: Sequence[tuple[str, str]], articles_root: Path | str) -> int:
+    """Count the readable article files among ``items`` that have a field to translate."""
+    from model.documents import load_article
+
+    count = 0
+    for split, aid in items:
+        try:
+            document = load_article(articles_root, split, aid)
+        except (OSError, ValueError):
+            continue  # translate_articles() records the failure
+        count += "translate" in field_plan(document).values()
+    return count
+
+
 @dataclasses.dataclass
 class TranslationFailure:
     aid: str

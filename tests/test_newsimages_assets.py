@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, Definitions, define_asset_job, materialize
 
 from assets.newsimages import (
     newsimages_articles,
@@ -99,6 +99,33 @@ def test_demo_batches_end_to_end(tmp_path):
     assert (repeated["reused"], repeated["translated_documents"], repeated["written"]) == (12, 0, 0)
 
 
+def test_partition_range_in_one_run(tmp_path):
+    data_root = tmp_path / "data"
+    write_demo_files(generate_demo_corpus(n_articles=12, n_days=3), data_root / "demo")
+    source = data_root / "demo" / "newsimages"
+    instance = DagsterInstance.ephemeral()
+    keys = register_newsimages_batches(instance, source)
+    definitions = Definitions(assets=ASSETS, jobs=[define_asset_job("newsimages_range")], resources=_resources(data_root))
+
+    result = definitions.resolve_job_def("newsimages_range").execute_in_process(
+        instance=instance,
+        tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+        run_config=_run_config(source, tiny_train_steps=5),
+    )
+
+    assert len(keys) == 3
+    # One materialization per partition, each with the metadata of the whole run.
+    raw = result.asset_materializations_for_node("newsimages__raw_articles")
+    assert sorted(event.partition for event in raw) == keys
+    assert raw[0].metadata["partitions"].value == 3
+    assert raw[0].metadata["inserted"].value == 12
+    translated = result.asset_materializations_for_node("newsimages__translated_articles")
+    assert translated[0].metadata["partitions"].value == 3
+    assert translated[0].metadata["documents"].value == 12
+    for key in keys:
+        assert len(read_manifest(data_root / "newsimages", "translated_articles", key)["articles"]) == 4
+
+
 def test_real_files_end_to_end(tmp_path, shared_data):
     # A 25-row sample of the 2021 file keeps the untrained tiny translator quick; the 2025
     # file is read whole.
@@ -157,6 +184,31 @@ def test_base_profile_missing_model_names_setting(tmp_path, monkeypatch):
     message = str(raised.value) + str(raised.value.__cause__)
     assert "Helsinki-NLP/opus-mt-de-en" in message
     assert "translated_articles config `model`" in message
+
+
+def test_english_partition_needs_no_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data_root = tmp_path / "data"
+    articles = data_root / "newsimages" / "articles"
+    (articles / "test").mkdir(parents=True)
+    document = {"_id": "2025-1", "title": "Moose", "text": "maine", "title_en": "Moose", "text_en": "maine", "language": "en"}
+    (articles / "test" / "2025-1.json").write_text(json.dumps(document))
+    (articles / "_manifests").mkdir()
+    (articles / "_manifests" / "newsarticles.json").write_text(json.dumps({"articles": [["test", "2025-1"]]}))
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("newsimages_batches", ["newsarticles"])
+
+    result = materialize(
+        [newsimages_translated_articles],
+        partition_key="newsarticles",
+        resources={"settings": PipelineSettings(data_root=str(data_root), profile="base", device="cpu")},
+        instance=instance,
+    )
+
+    metadata = _metadata(result, "newsimages__translated_articles")
+    assert metadata["passed_through_english"] == 1
+    assert metadata["model"].startswith("none needed")
+    assert not (data_root / "models").exists()
 
 
 def test_missing_source_folder_names_setting(tmp_path, monkeypatch):
