@@ -72,12 +72,30 @@ def _group_assets(defs):
     return daily, batches, unpartitioned
 
 
-def _run(defs, instance, selection, tags, label: str) -> dict:
+def demo_run_config(data_root: Path) -> dict[str, dict]:
+    """Config of the assets that read demo source files, by asset key."""
+    demo = data_root / "demo"
+    local_images = {"source_dir": str(demo / "images"), "download": False}
+    return {
+        "nytimes800k/images": local_images,
+        "newsimages/images": local_images,
+        "newsimages/raw_articles": {"source_dir": str(demo / "newsimages")},
+    }
+
+
+def _run(defs, instance, selection, tags, label: str, asset_config: dict[str, dict]) -> dict:
     if not selection:
         return {}
     job = defs.get_implicit_global_asset_job_def()
+    ops = {
+        "__".join(key.path): {"config": asset_config[key.to_user_string()]}
+        for key in selection
+        if key.to_user_string() in asset_config
+    }
     started = time.perf_counter()
-    result = job.execute_in_process(instance=instance, asset_selection=selection, tags=tags, raise_on_error=True)
+    result = job.execute_in_process(
+        instance=instance, asset_selection=selection, tags=tags, run_config={"ops": ops}, raise_on_error=True
+    )
     seconds = time.perf_counter() - started
     print(f"\n== {label}: {len(selection)} assets in {seconds:.1f} s")
     reported = {}
@@ -109,16 +127,23 @@ def main(argv: list[str] | None = None) -> int:
 
     instance = DagsterInstance.get()
     daily, batches, unpartitioned = _group_assets(defs)
-    _run(defs, instance, daily, {RANGE_START_TAG: days[0], RANGE_END_TAG: days[-1]}, f"NYTimes800k partitions {days[0]}..{days[-1]}")
+    asset_config = demo_run_config(data_root)
+    _run(
+        defs, instance, daily, {RANGE_START_TAG: days[0], RANGE_END_TAG: days[-1]},
+        f"NYTimes800k partitions {days[0]}..{days[-1]}", asset_config,
+    )
 
     if batches:
         from model.newsimages import discover_batches
 
         batch_keys = discover_batches(data_root / "demo" / "newsimages")
         instance.add_dynamic_partitions("newsimages_batches", batch_keys)
-        _run(defs, instance, batches, {RANGE_START_TAG: batch_keys[0], RANGE_END_TAG: batch_keys[-1]}, f"NewsImages batches {batch_keys[0]}..{batch_keys[-1]}")
+        _run(
+            defs, instance, batches, {RANGE_START_TAG: batch_keys[0], RANGE_END_TAG: batch_keys[-1]},
+            f"NewsImages batches {batch_keys[0]}..{batch_keys[-1]}", asset_config,
+        )
 
-    reported = _run(defs, instance, unpartitioned, {}, "split- and model-level assets")
+    reported = _run(defs, instance, unpartitioned, {}, "split- and model-level assets", asset_config)
     for key in sorted(reported):
         if key.endswith("evaluation") and "metrics_markdown" in reported[key]:
             print(f"\n{key}\n{reported[key]['metrics_markdown']}")
