@@ -203,8 +203,9 @@ def read_table(path: Path, encoding: str = "auto") -> Table:
 
     TSVs are read without quote handling first, as the 2021 files are plain tab-separated
     text with literal quote characters. When rows then disagree with the header's column
-    count, the file is parsed again with CSV quoting. Rows that still have the wrong number
-    of fields are returned in ``malformed`` with their line number.
+    count, the file is parsed again with CSV quoting, and the parse with fewer such rows is
+    kept. Rows that still have the wrong number of fields are returned in ``malformed``
+    with their line number.
     """
     path = Path(path)
     data = path.read_bytes()
@@ -216,10 +217,14 @@ def read_table(path: Path, encoding: str = "auto") -> Table:
 
     attempts = [csv.QUOTE_NONE, csv.QUOTE_MINIMAL] if delimiter == "\t" else [csv.QUOTE_MINIMAL]
     parsed: list[tuple[int, list[str]]] = []
+    fewest_mismatches = None
     for quoting in attempts:
-        parsed = [(line, fields) for line, fields in _parse_rows(text, delimiter, quoting) if fields]
-        width = len(parsed[0][1])
-        if all(len(fields) == width for _, fields in parsed):
+        candidate = [(line, fields) for line, fields in _parse_rows(text, delimiter, quoting) if fields]
+        width = len(candidate[0][1])
+        mismatches = sum(1 for _, fields in candidate if len(fields) != width)
+        if fewest_mismatches is None or mismatches < fewest_mismatches:
+            parsed, fewest_mismatches = candidate, mismatches
+        if mismatches == 0:
             break
 
     header = [name.strip() for name in parsed[0][1]]

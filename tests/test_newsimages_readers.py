@@ -385,3 +385,15 @@ def test_unknown_batch_key(tmp_path, mongo_client):
         load_batch(mongo_client["n"]["a"], tmp_path, "two")
 
     assert "one" in str(raised.value)
+
+
+def test_malformed_row_with_quote_keeps_plain_parse(tmp_path):
+    text = _tsv_2021([("1", '"Zitat" am Anfang', "Text eins."), ("2", "Zwei", 'Er sagte "Ja.')])
+    text += "3\tnur drei\tFelder\r\n"
+    _write(tmp_path / "quotes.tsv", text)
+
+    result = read_batch(find_batches(tmp_path)["quotes"], tmp_path)
+
+    assert [doc["title"] for doc in result.documents] == ['"Zitat" am Anfang', "Zwei"]
+    assert result.documents[1]["text"] == 'Er sagte "Ja.'
+    assert [failure.where for failure in result.failures] == ["quotes.tsv:4"]
