@@ -719,9 +719,9 @@ def assign_splits(new_ids: list[str], existing: Mapping[str, int], policy: Split
     """Splits for ``new_ids`` of one edition, given the counts ``existing`` already stored."""
     remaining_test = max(0, policy.test_size - existing.get("test", 0))
     remaining_valid = max(0, policy.valid_size - existing.get("valid", 0))
-    wanted = remaining_test + remaining_valid
-    heldout = min(wanted, math.floor(len(new_ids) * policy.max_heldout_fraction))
-    n_test = round(heldout * remaining_test / wanted) if wanted else 0
+    remaining = remaining_test + remaining_valid
+    heldout = min(remaining, math.floor(len(new_ids) * policy.max_heldout_fraction))
+    n_test = round(heldout * remaining_test / remaining) if remaining else 0
     n_valid = heldout - n_test
 
     ordered = sorted(new_ids, key=lambda aid: split_order_key(policy.seed, aid))

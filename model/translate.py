@@ -888,17 +888,17 @@ def ensure_tiny_marian(
     """
     folder = Path(folder)
     pairs = read_parallel_pairs(pairs_path) if pairs_path and Path(pairs_path).is_file() else []
-    wanted = pairs_fingerprint(pairs, config) if pairs else None
+    expected = pairs_fingerprint(pairs, config) if pairs else None
     with _folder_lock(folder):
         existing = _read_json(folder / "tiny_marian.json")
-        if existing is not None and (wanted is None or existing.get("build_fingerprint") == wanted):
+        if existing is not None and (expected is None or existing.get("build_fingerprint") == expected):
             return folder, existing
         corpus = [] if pairs else list(corpus_texts)
         building = folder.with_name(f".{folder.name}.building")
         shutil.rmtree(building, ignore_errors=True)
         logger.info("building the tiny MarianMT in %s from %d parallel pairs and %d corpus texts", folder, len(pairs), len(corpus))
         report = build_tiny_marian(building, pairs, corpus, config)
-        report["build_fingerprint"] = wanted
+        report["build_fingerprint"] = expected
         report["pairs_path"] = str(pairs_path) if pairs else None
         atomic_write_text(building / "tiny_marian.json", canonical_json(report))
         shutil.rmtree(folder, ignore_errors=True)
