@@ -63,40 +63,60 @@ def _valid_spans(spans: Any, text: str) -> list[dict[str, Any]]:
     return valid
 
 
-def record_from_document(document: Mapping[str, Any], entities: Mapping[str, Any] | None = None) -> ArticleRecord:
-    """Build an ArticleRecord; ``entities`` are spans by field from the entities stage.
+def _stage_spans(entities: Mapping[str, Any]) -> tuple[dict[str, Any], dict[int, Any]]:
+    """Spans by field name and caption spans by iid from an entities-stage file.
 
-    Fields read from ``entities``: ``headline``/``title_en``, ``snippet``/``text_en`` and
-    ``captions`` ({iid: spans} or a list by iid). NYTimes800k captions fall back to the
-    ``named_entities`` stored in ``parsed_section``. Spans that do not match the text are
-    dropped.
+    The file (``model.entities.load_entities``) holds ``fields: {name: {"spans": [...]}}``
+    and ``captions: [{"iid": i, "spans": [...]}]``.
     """
+    fields = {
+        name: field.get("spans")
+        for name, field in (entities.get("fields") or {}).items()
+        if isinstance(field, Mapping)
+    }
+    captions = {
+        int(caption["iid"]): caption.get("spans")
+        for caption in entities.get("captions") or []
+        if isinstance(caption, Mapping) and "iid" in caption
+    }
+    return fields, captions
+
+
+def record_from_document(document: Mapping[str, Any], entities: Mapping[str, Any] | None = None) -> ArticleRecord:
+    """Build an ArticleRecord; ``entities`` is the article's file from the entities stage.
+
+    Without such a file, NYTimes800k captions use the ``named_entities`` stored in
+    ``parsed_section``. Spans that do not match the text they point into are dropped.
+    """
+    from model.entities import SpanCheck, align_document_spans
+
     aid = str(document.get("_id", ""))
     text = article_text(document)
     images = article_images(document)
-    entities = entities or {}
     is_newsimages = "image_positions" not in document
+    field_spans, caption_spans = _stage_spans(entities or {})
 
-    headline_spans = entities.get("title_en" if is_newsimages else "headline") or entities.get("headline")
-    snippet_spans = entities.get("text_en" if is_newsimages else "snippet") or entities.get("snippet")
-    stage_captions = entities.get("captions") or {}
-    if isinstance(stage_captions, list):
-        stage_captions = dict(enumerate(stage_captions))
-    stage_captions = {int(key): value for key, value in stage_captions.items()}
+    if is_newsimages:
+        headline_spans = field_spans.get("title_en") if document.get("title_en") else field_spans.get("title")
+        snippet_spans = field_spans.get("text_en") if document.get("text_en") else field_spans.get("text")
+    else:
+        headline_spans = field_spans.get("headline")
+        snippet_spans = field_spans.get("snippet") if document.get("snippet") else field_spans.get("abstract")
 
     captions: dict[int, list] = {}
     document_faces: dict[int, np.ndarray] = {}
     sections = document.get("parsed_section") or []
     for ref in images:
         caption = text.captions[ref.iid] if ref.iid < len(text.captions) else ""
-        spans = stage_captions.get(ref.iid)
-        if spans is None and not is_newsimages:
-            spans = sections[document["image_positions"][ref.iid]].get("named_entities")
-        captions[ref.iid] = _valid_spans(spans, caption)
+        spans = caption_spans.get(ref.iid)
         if not is_newsimages:
-            details = sections[document["image_positions"][ref.iid]].get("facenet_details") or {}
+            section = sections[document["image_positions"][ref.iid]]
+            if spans is None and section.get("named_entities"):
+                spans = align_document_spans(caption, section["named_entities"], f"{aid}/{ref.iid}", SpanCheck())
+            details = section.get("facenet_details") or {}
             if details.get("embeddings"):
                 document_faces[ref.iid] = np.asarray(details["embeddings"], dtype=np.float32).reshape(-1, FACE_FEAT_DIM)
+        captions[ref.iid] = _valid_spans(spans, caption)
 
     return ArticleRecord(
         aid=aid,
@@ -114,7 +134,7 @@ def record_from_document(document: Mapping[str, Any], entities: Mapping[str, Any
 class ArticleStore:
     """Looks up ArticleRecords by aid in one split folder of ``<aid>.json`` files, with a cache.
 
-    ``entity_loader(aid)`` returns spans by field (see ``record_from_document``), or raises
+    ``entity_loader(aid)`` returns the entities-stage file of the article (see ``record_from_document``), or raises
     FileNotFoundError / KeyError when the entities stage has none for that article.
     """
 
@@ -417,3 +437,75 @@ def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device | str) 
         inputs["face_mask"] = moved["face_mask"]
         obj_labels["faces_feat"] = (moved["face_target"], moved["face_loss_mask"])
     return inputs
+
+
+# ---------------------------------------------------------------------------- feature sources
+
+
+def _decode_base64_array(value: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    import base64
+
+    return np.frombuffer(base64.b64decode(value), dtype=dtype).reshape(shape).copy()
+
+
+class OriginalRegionFolder:
+    """Region features in the original NewsLXMERT layout: one JSON file per image hash.
+
+    Each file holds base64 of little-endian arrays (``roi_features`` float32 (n, D),
+    ``normalized_boxes`` float32 (n, 4), ``obj_ids`` / ``attr_ids`` int64 (n,)) and
+    ``n_regions``. The original README names the files ``<hash>.jpg``, its code reads
+    ``<hash>.json``; both are accepted.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"region feature folder {self.folder} not found (--featsDir)")
+
+    def _path(self, image_hash: str) -> Path | None:
+        for suffix in (".json", ".jpg"):
+            path = safe_join(self.folder, f"{check_safe_id(image_hash)}{suffix}")
+            if path.is_file():
+                return path
+        return None
+
+    def __contains__(self, image_hash: object) -> bool:
+        return isinstance(image_hash, str) and self._path(image_hash) is not None
+
+    def get(self, image_hash: str) -> dict[str, Any]:
+        path = self._path(image_hash)
+        if path is None:
+            raise KeyError(f"no region features for image {image_hash} in {self.folder}")
+        record = json.loads(path.read_text(encoding="utf-8"))
+        count = int(record["n_regions"])
+        result: dict[str, Any] = {
+            "roi_features": _decode_base64_array(record["roi_features"], "<f4", (count, -1)),
+            "normalized_boxes": _decode_base64_array(record["normalized_boxes"], "<f4", (count, 4)),
+            "n_regions": count,
+        }
+        for key in ("obj_ids", "attr_ids"):
+            if record.get(key):
+                result[key] = _decode_base64_array(record[key], "<i8", (count,))
+        return result
+
+    @property
+    def feature_dim(self) -> int:
+        first = next(iter(sorted(self.folder.glob("*.json"))), None) or next(iter(sorted(self.folder.glob("*.jpg"))), None)
+        if first is None:
+            raise FileNotFoundError(f"{self.folder} holds no region feature files")
+        return int(self.get(first.stem)["roi_features"].shape[1])
+
+
+def open_region_reader(feats_dir: str | Path):
+    """A region feature reader for ``--featsDir``.
+
+    A pipeline folder (``<dataset_root>/region_features``, the fast store) is read with
+    ``model.regions.RegionFeatureReader``; any other folder is read as the original
+    per-image JSON layout.
+    """
+    feats_dir = Path(feats_dir)
+    if feats_dir.name == "region_features" and ((feats_dir / "_manifests").is_dir() or (feats_dir / "store").exists()):
+        from model.regions import RegionFeatureReader
+
+        return RegionFeatureReader(feats_dir.parent)
+    return OriginalRegionFolder(feats_dir)
