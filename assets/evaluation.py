@@ -25,6 +25,7 @@ from model.evaluation import (
     random_baseline,
 )
 from pipelines.resources import PipelineSettings
+from pipelines.executors import GPU_OP_TAGS
 
 STAGE = "evaluation"
 MODEL_ASSETS = {"nytimes800k": "pretrained_model", "newsimages": "finetuned_model"}
@@ -248,6 +249,7 @@ _DESCRIPTION = (
 @asset(
     key=["nytimes800k", STAGE],
     group_name="nytimes800k",
+    op_tags=GPU_OP_TAGS,
     code_version="1",
     deps=[AssetKey(["nytimes800k", "pretrained_model"]), AssetKey(["nytimes800k", "index"])],
     kinds={"pytorch", "parquet"},
@@ -260,6 +262,7 @@ def nytimes800k_evaluation(context: AssetExecutionContext, config: EvaluationCon
 @asset(
     key=["newsimages", STAGE],
     group_name="newsimages",
+    op_tags=GPU_OP_TAGS,
     code_version="1",
     deps=[AssetKey(["newsimages", "finetuned_model"]), AssetKey(["newsimages", "index"])],
     kinds={"pytorch", "parquet"},

@@ -15,6 +15,7 @@ from model.documents import article_images, iter_articles
 from model.faces import FaceConfig, FaceExtractor, FaceReport, extract_face_features
 from model.manifest import read_manifest, write_manifest
 from pipelines.resources import PipelineSettings
+from pipelines.executors import GPU_OP_TAGS
 
 STAGE = "face_features"
 
@@ -179,6 +180,7 @@ _DESCRIPTION = (
     group_name="nytimes800k",
     partitions_def=nytimes_daily_partitions,
     backfill_policy=BACKFILL_POLICY,
+    op_tags=GPU_OP_TAGS,
     code_version="1",
     deps=[AssetKey(["nytimes800k", "images"]), AssetKey(["nytimes800k", "articles"])],
     kinds={"pytorch"},
@@ -197,6 +199,7 @@ def nytimes800k_face_features(
     group_name="newsimages",
     partitions_def=newsimages_batch_partitions,
     backfill_policy=BACKFILL_POLICY,
+    op_tags=GPU_OP_TAGS,
     code_version="1",
     deps=[AssetKey(["newsimages", "images"])],
     kinds={"pytorch"},

@@ -38,6 +38,7 @@ from model.translate import (
     translate_articles,
 )
 from pipelines.resources import MongoResource, PipelineSettings
+from pipelines.executors import GPU_OP_TAGS
 
 SOURCE_ENV = "NEWSLXMERT_NEWSIMAGES_SOURCE"
 DATASET = "newsimages"
@@ -292,6 +293,7 @@ def _load_translator(context: AssetExecutionContext, config: TranslationConfig, 
     deps=[ARTICLES],
     partitions_def=newsimages_batch_partitions,
     backfill_policy=BACKFILL_POLICY,
+    op_tags=GPU_OP_TAGS,
     code_version="1",
     kinds={"pytorch", "json"},
     description=(

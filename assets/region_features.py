@@ -29,6 +29,7 @@ from model.regions import (
     extractor_identity,
 )
 from pipelines.resources import PipelineSettings
+from pipelines.executors import GPU_OP_TAGS
 
 EXAMPLES = 10
 # Many small shards (one per flush, per partition) slow down opening the store; past this
@@ -192,6 +193,7 @@ _DESCRIPTION = (
     group_name="nytimes800k",
     partitions_def=nytimes_daily_partitions,
     backfill_policy=BACKFILL_POLICY,
+    op_tags=GPU_OP_TAGS,
     code_version="1",
     deps=[AssetKey(["nytimes800k", "images"])],
     kinds={"pytorch"},
@@ -208,6 +210,7 @@ def nytimes800k_region_features(
     group_name="newsimages",
     partitions_def=newsimages_batch_partitions,
     backfill_policy=BACKFILL_POLICY,
+    op_tags=GPU_OP_TAGS,
     code_version="1",
     deps=[AssetKey(["newsimages", "images"])],
     kinds={"pytorch"},

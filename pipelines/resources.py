@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -46,6 +47,28 @@ class PipelineSettings(ConfigurableResource):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class EmbeddedMongoBusyError(TimeoutError):
+    """Another process kept the embedded MongoDB server open for longer than the caller waits."""
+
+
+def _acquire_lock(lock_file, timeout_s: float | None, storage: Path) -> None:
+    if timeout_s is None:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise EmbeddedMongoBusyError(
+                    f"the embedded MongoDB in {storage} is in use by another process; "
+                    f"waited {timeout_s:.1f} s, retry later"
+                ) from None
+            time.sleep(0.1)
+
+
 class MongoResource(ConfigurableResource):
     """A MongoDB collection, from the URI in an environment variable or an embedded server.
 
@@ -69,8 +92,13 @@ class MongoResource(ConfigurableResource):
         return f"{where} {self.database}.{self.collection}"
 
     @contextlib.contextmanager
-    def open_collection(self) -> Iterator:
-        """Yield a pymongo collection; errors carry no password."""
+    def open_collection(self, lock_timeout_s: float | None = None) -> Iterator:
+        """Yield a pymongo collection; errors carry no password.
+
+        With the embedded server, ``lock_timeout_s`` bounds the wait for another process
+        that has the server open: after it, EmbeddedMongoBusyError is raised. None waits
+        as long as it takes.
+        """
         from pymongo import MongoClient
         from pymongo.errors import PyMongoError
 
@@ -86,7 +114,7 @@ class MongoResource(ConfigurableResource):
             storage = Path(self.data_root) / "mongo"
             storage.mkdir(parents=True, exist_ok=True)
             with open(storage.parent / ".mongo.lock", "w") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                _acquire_lock(lock_file, lock_timeout_s, storage)
                 with EmbeddedMongo(storage) as server:
                     client = MongoClient(server.uri, serverSelectionTimeoutMS=20000)
                     try:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import fcntl
 import json
 import os
 from pathlib import Path
@@ -44,7 +43,7 @@ from dagster import (
 )
 
 from assets.partitions import MAX_PARTITIONS_PER_RUN, newsimages_batch_partitions, nytimes_daily_partitions
-from pipelines.resources import MongoResource
+from pipelines.resources import EmbeddedMongoBusyError, MongoResource
 
 NYTIMES_SENSOR = "nytimes800k_new_articles_sensor"
 NEWSIMAGES_SENSOR = "newsimages_new_batches_sensor"
@@ -211,29 +210,6 @@ def partition_run_request(keys: Sequence[str], run_key_suffix: str, tags: Mappin
     return RunRequest(run_key=f"{keys[0]}...{keys[-1]}:{run_key_suffix}", tags=tags)
 
 
-def embedded_mongo_busy(mongo: MongoResource) -> bool:
-    """Return True when a run holds the embedded server's lock, so that opening it would wait.
-
-    A sensor tick has a time limit (60 s by default), and an export holds the lock for
-    its whole run. So a tick that finds the lock taken skips, and the next tick retries.
-    """
-    # NOTE: this mirrors the lock file that MongoResource.open_collection takes
-    # (<data_root>/.mongo.lock). A non-blocking option on the resource would remove the
-    # duplication and the short window between this check and the open.
-    if mongo.configured_uri():
-        return False
-    lock_path = Path(mongo.data_root) / ".mongo.lock"
-    if not lock_path.exists():
-        return False
-    with open(lock_path, "a") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(lock_file, fcntl.LOCK_UN)
-    return False
-
-
 def _split_by_partition_existence(days: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
     """Days with a partition, days after the last partition (not yet), days before the first."""
     first = nytimes_daily_partitions.get_first_partition_key()
@@ -253,11 +229,13 @@ def nytimes_new_article_requests(
 ) -> SensorResult | SkipReason:
     """Scan the collection, request runs for the changed days and advance the cursor (the sensor's body)."""
     previous = ArticleCursor.from_json(context.cursor)
-    if embedded_mongo_busy(mongo):
+    # A tick has a time limit (60 s by default) and an export keeps the embedded server open
+    # for its whole run, so a tick that finds it in use skips and the next one retries.
+    try:
+        with mongo.open_collection(lock_timeout_s=0) as collection:
+            scan = scan_for_new_articles(collection, previous)
+    except EmbeddedMongoBusyError:
         return SkipReason(f"the embedded MongoDB at {mongo.describe()} is in use by a run; the next tick retries")
-
-    with mongo.open_collection() as collection:
-        scan = scan_for_new_articles(collection, previous)
 
     days = set(scan.changed_days) | set(previous.pending if previous else [])
     if previous is None:

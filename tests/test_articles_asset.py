@@ -104,3 +104,24 @@ def test_definitions_validate_and_cli_materialize(tmp_path):
     assert materialized.returncode == 0, materialized.stderr[-3000:]
     exported = [p for split in ("train", "valid", "test") for p in (tmp_path / "nytimes800k/articles" / split).glob("*.json")]
     assert len(exported) == 20
+
+
+def test_embedded_lock_timeout_raises_busy(tmp_path):
+    from pipelines.resources import EmbeddedMongoBusyError
+
+    resource = MongoResource(data_root=str(tmp_path))
+    with resource.open_collection():
+        waiting = subprocess.run(
+            [sys.executable, "-c",
+             "import sys; from pipelines.resources import MongoResource, EmbeddedMongoBusyError\n"
+             "try:\n"
+             "    with MongoResource(data_root=sys.argv[1]).open_collection(lock_timeout_s=0.5):\n"
+             "        print('opened')\n"
+             "except EmbeddedMongoBusyError as error:\n"
+             "    print('busy:', error)\n",
+             str(tmp_path)],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )
+
+    assert waiting.stdout.startswith("busy:"), waiting.stderr[-2000:]
+    assert "in use by another process" in waiting.stdout
