@@ -182,17 +182,20 @@ def export_documents(
     projection = {field: 1 for field in fields} if fields else None
     started = time.perf_counter()
 
+    first_raw_id: dict[str, Any] = {}  # file stem -> the _id that took it in this run
     for page in iter_documents_by_id_range(collection, query, projection, page_size):
         report.pages += 1
         for document in page:
-            _export_one(document, out_root, split_aliases, report)
+            _export_one(document, out_root, split_aliases, report, first_raw_id)
 
     report.seconds = time.perf_counter() - started
     logger.info("export to %s finished: %s", out_root, report.summary())
     return report
 
 
-def _export_one(document: dict[str, Any], out_root: Path, aliases: Mapping[str, str], report: ExportReport) -> None:
+def _export_one(
+    document: dict[str, Any], out_root: Path, aliases: Mapping[str, str], report: ExportReport, first_raw_id: dict[str, Any]
+) -> None:
     raw_id = document.get("_id")
     aid = str(raw_id) if raw_id is not None else ""
     try:
@@ -202,6 +205,21 @@ def _export_one(document: dict[str, Any], out_root: Path, aliases: Mapping[str, 
     except (UnsafePathError, ValueError) as error:
         report.failures.append(ExportFailure(aid=aid if aid else "<empty _id>", reason=str(error)))
         return
+    if aid in first_raw_id:
+        # Ids of different BSON types, such as 7 and "7" or an ObjectId and its hex string,
+        # name the same file; writing both would silently keep only the last one.
+        first = first_raw_id[aid]
+        report.failures.append(
+            ExportFailure(
+                aid=aid,
+                reason=(
+                    f"duplicate id: _id {raw_id!r} ({type(raw_id).__name__}) and _id {first!r} ({type(first).__name__}) "
+                    f"both become {aid}.json; the first was exported, give this document a distinct _id"
+                ),
+            )
+        )
+        return
+    first_raw_id[aid] = raw_id
 
     if not has_images(document):
         report.skipped_no_images.append(aid)
