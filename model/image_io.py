@@ -216,7 +216,18 @@ def _describe_non_image(data: bytes) -> str:
         return "the content is an HTML page"
     if head.startswith((b"{", b"[")):
         return "the content looks like JSON"
+    for signature, image_format in _SIGNATURES:
+        if data.startswith(signature):
+            return f"the file starts like a {image_format} but its header is damaged; fetch or copy the file again"
     return f"format not recognised (first bytes {data[:8].hex()})"
+
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"RIFF", "RIFF (WebP)"),
+)
 
 
 def to_array(image: Image.Image, channel_order: str = "RGB") -> np.ndarray:
