@@ -54,7 +54,7 @@ def prepare_corpus(data_root: Path, n_articles: int, n_days: int, seed: int) -> 
     return [(DEMO_START + dt.timedelta(days=day)).isoformat() for day in range(n_days)]
 
 
-def _group_assets(defs):
+def group_assets(defs):
     """Split the asset keys by partitioning: NYTimes daily, NewsImages batches, none."""
     from dagster import DailyPartitionsDefinition, DynamicPartitionsDefinition
 
@@ -83,7 +83,8 @@ def demo_run_config(data_root: Path) -> dict[str, dict]:
     }
 
 
-def _run(defs, instance, selection, tags, label: str, asset_config: dict[str, dict]) -> dict:
+def run_assets(defs, instance, selection, tags, label: str, asset_config: dict[str, dict]) -> dict:
+    """Materialize ``selection`` in one in-process run; print and return each asset's metadata by key."""
     if not selection:
         return {}
     job = defs.get_implicit_global_asset_job_def()
@@ -126,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.definitions import defs
 
     instance = DagsterInstance.get()
-    daily, batches, unpartitioned = _group_assets(defs)
+    daily, batches, unpartitioned = group_assets(defs)
     asset_config = demo_run_config(data_root)
-    _run(
+    run_assets(
         defs, instance, daily, {RANGE_START_TAG: days[0], RANGE_END_TAG: days[-1]},
         f"NYTimes800k partitions {days[0]}..{days[-1]}", asset_config,
     )
@@ -138,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 
         batch_keys = discover_batches(data_root / "demo" / "newsimages")
         instance.add_dynamic_partitions("newsimages_batches", batch_keys)
-        _run(
+        run_assets(
             defs, instance, batches, {RANGE_START_TAG: batch_keys[0], RANGE_END_TAG: batch_keys[-1]},
             f"NewsImages batches {batch_keys[0]}..{batch_keys[-1]}", asset_config,
         )
 
-    reported = _run(defs, instance, unpartitioned, {}, "split- and model-level assets", asset_config)
+    reported = run_assets(defs, instance, unpartitioned, {}, "split- and model-level assets", asset_config)
     for key in sorted(reported):
         if key.endswith("evaluation") and "metrics_markdown" in reported[key]:
             print(f"\n{key}\n{reported[key]['metrics_markdown']}")
