@@ -282,7 +282,7 @@ class NewsLxmertForPreTraining(nn.Module):
         """Run all stages and the losses whose labels are given.
 
         labels: (B, T) masked-LM targets, -100 where not masked.
-        obj_labels: by loss name, (target, mask) pairs: ``obj``/``attr`` (B, 36) class ids,
+        obj_labels: by loss name, (target, mask) pairs: ``obj``/``attr`` (B, 36) class ids (-1: none),
         ``feat`` (B, 36, D) features, ``faces_feat`` (B, F, 512) embeddings; each mask is
         (B, n) with 1 at masked tokens. Keys that are absent are skipped, so a feature store
         without object or attribute labels trains the other losses.
@@ -334,12 +334,14 @@ class NewsLxmertForPreTraining(nn.Module):
                 continue
             scores = predictions[key].float()
             classes = scores.shape[-1]
-            # Unmasked tokens may carry any id (padding uses -1), so clamp before the lookup;
-            # the mask removes their loss.
+            # A negative id means "no label" (a padded region, or a detector that predicts no
+            # attributes): such regions add no loss even when masked. Clamping keeps the
+            # lookup in range; the mask removes their loss.
+            labelled = mask.reshape(-1).float() * (target.reshape(-1) >= 0).float()
             per_token = F.cross_entropy(
                 scores.reshape(-1, classes), target.reshape(-1).clamp(0, classes - 1), reduction="none"
             )
-            losses[key] = (per_token * mask.reshape(-1).float()).mean() * self.config.visual_loss_normalizer
+            losses[key] = (per_token * labelled).mean() * self.config.visual_loss_normalizer
         return losses
 
     def _regression_loss(self, predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
