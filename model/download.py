@@ -19,10 +19,13 @@ status row (see ``STATUS_COLUMNS``); failures carry the reason and the run goes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import io
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -35,7 +38,7 @@ from urllib.parse import urlsplit
 import requests
 
 from model.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image_bytes, load_image
-from model.storage import UnsafePathError, atomic_write_bytes, check_safe_id, safe_join
+from model.storage import UnsafePathError, atomic_write_bytes, check_safe_id, remove_stale_temporaries, safe_join
 
 logger = logging.getLogger(__name__)
 
@@ -202,30 +205,46 @@ def download_with_retries(url: str, settings: FetchSettings) -> tuple[bytes, int
 
 
 def _place_local(source: Path, target: Path, link: bool) -> None:
-    """Put ``source`` at ``target`` atomically, by hard link when allowed and possible."""
+    """Put ``source`` at ``target`` atomically, by hard link when allowed and possible.
+
+    The temporary file is locked until renamed, so that ``remove_stale_temporaries`` in a
+    concurrent run skips it. A hard link cannot be locked before it exists: when a cleaner
+    removes it in that instant, the file is copied instead.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        linked = False
-        if link:
-            os.unlink(tmp_name)
+    if link:
+        link_name = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.link(source, link_name)
+        except OSError:  # another file system, links not permitted or a name clash: copy instead
+            pass
+        else:
             try:
-                os.link(source, tmp_name)
-                linked = True
-            except OSError:  # another file system, or links not permitted: copy instead
-                pass
-        if not linked:
-            shutil.copyfile(source, tmp_name)
-            with open(tmp_name, "rb+") as handle:
-                os.fsync(handle.fileno())
+                with open(link_name, "rb") as handle:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                    os.replace(link_name, target)
+                    # When target already was a link to source (a concurrent run placed the
+                    # same image), rename(2) does nothing and leaves link_name behind.
+                    link_name.unlink(missing_ok=True)
+                return
+            except FileNotFoundError:
+                pass  # removed by a cleaner before the lock: copy instead
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(link_name)
+                raise
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        shutil.copyfile(source, tmp_name)
+        os.fsync(fd)
         os.replace(tmp_name, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
         raise
+    finally:
+        os.close(fd)
 
 
 def _local_source(task: ImageTask, source_dir: Path) -> Path | None:
@@ -311,6 +330,9 @@ def fetch_images(tasks: Iterable[ImageTask], images_dir: Path | str, settings: F
     """Gather every distinct image of ``tasks`` into ``images_dir`` concurrently; see the module docstring."""
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(images_dir)
+    if removed:
+        logger.info("removed %d temporary files that interrupted runs left in %s", removed, images_dir)
     unique: dict[str, ImageTask] = {}
     for task in tasks:
         unique.setdefault(task.image_hash, task)

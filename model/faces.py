@@ -49,7 +49,7 @@ import torch
 
 from model.feature_store import FeatureStore
 from model.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
-from model.storage import atomic_write_bytes, check_safe_id, safe_join
+from model.storage import atomic_write_bytes, check_safe_id, remove_stale_temporaries, safe_join
 
 logger = logging.getLogger(__name__)
 
@@ -532,8 +532,9 @@ def extract_face_features(
         raise ValueError(f"json_dtype must be float32 or float64, got {json_dtype!r}")
     started = time.perf_counter()
     face_root = Path(face_root)
-    # NOTE: temporary files left by killed runs are not removed here, because another
-    # partition's run may be writing its own temporary file into the same folders right now.
+    # Temporary files of killed runs go; those that another partition's run is writing
+    # right now are locked and stay (model.storage.remove_stale_temporaries).
+    remove_stale_temporaries(face_root)
     store = face_store(face_root)
     document_faces = document_faces or {}
     report = FaceReport()

@@ -286,18 +286,20 @@ class FeatureStore:
 
     def _write_shard_atomically(self, path: Path, table: pa.Table) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
+            # Locked until renamed, so model.storage.remove_stale_temporaries skips it.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             with pa.OSFile(tmp_name, "wb") as sink:
                 with ipc.new_file(sink, table.schema) as writer:
                     writer.write_table(table, max_chunksize=max(1, table.num_rows))
-            with open(tmp_name, "rb+") as handle:
-                os.fsync(handle.fileno())
+            os.fsync(fd)
             os.replace(tmp_name, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
             raise
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model.storage import check_safe_id, safe_join, write_json_if_changed
+from model.storage import check_safe_id, remove_stale_temporaries, safe_join, write_json_if_changed
 
 UNPARTITIONED = "all"
 
@@ -26,6 +26,7 @@ def manifest_path(dataset_root: Path | str, stage: str, partition: str | None) -
 def write_manifest(dataset_root: Path | str, stage: str, partition: str | None, content: dict[str, Any]) -> Path:
     """Write the manifest atomically (unchanged content is not rewritten) and return its path."""
     path = manifest_path(dataset_root, stage, partition)
+    remove_stale_temporaries(path.parent)
     write_json_if_changed(path, content)
     return path
 

@@ -37,7 +37,7 @@ from model.detectors.base import (
 from model.feature_store import FeatureStore
 from model.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, probe_size, to_tensor_uint8
 from model.region_json import RegionJsonError, find_region_json, read_region_json, write_region_json
-from model.storage import atomic_write_text
+from model.storage import atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,10 @@ def extract_regions(
     ordered by size so that batches share an input size.
     """
     report = RegionReport(feature_dim=backend.feature_dim)
+    # Temporary files of killed runs; those of concurrent writers are locked and stay.
+    remove_stale_temporaries(store.folder)
+    if json_dir is not None:
+        remove_stale_temporaries(json_dir)
     todo: list[tuple[str, Path]] = []
     for key in sorted(items):
         in_store = key in store

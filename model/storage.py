@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import tempfile
@@ -45,23 +46,32 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     A reader sees either the old file or the complete new one, never a partial write,
-    even when the process is killed halfway.
+    even when the process is killed halfway. The temporary file is locked (``flock``)
+    until it is renamed, so :func:`remove_stale_temporaries` in another process skips it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
+    for attempt in range(2):
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            os.unlink(tmp_name)
+            with os.fdopen(fd, "wb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+                os.replace(tmp_name, path)
+            return
         except FileNotFoundError:
-            pass
-        raise
+            # A cleaner removed the temporary file in the instant between its creation and
+            # the lock; write it once more.
+            if attempt == 1:
+                raise
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+            raise
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -69,13 +79,30 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 def remove_stale_temporaries(folder: Path | str) -> int:
-    """Delete temporary files left by writes that were killed; return how many were removed."""
+    """Delete temporary files left by writes that were killed; return how many were removed.
+
+    A temporary file that another process is still writing holds a lock (see
+    :func:`atomic_write_bytes`) and is left alone, so stages that share a folder can clean
+    it while another partition's run writes there.
+    """
     folder = Path(folder)
     if not folder.exists():
         return 0
     removed = 0
     for tmp in folder.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        try:
+            handle = open(tmp, "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            continue  # renamed into place or removed since the listing
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer holds it
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                continue
         removed += 1
     return removed
 

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -49,7 +50,7 @@ from torch import nn
 
 from model.dataset import collate_samples, model_inputs
 from model.modeling import NewsLxmertForPreTraining
-from model.storage import atomic_write_text
+from model.storage import atomic_write_text, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,34 @@ def _write_model_folder(folder: Path, model: NewsLxmertForPreTraining, tokenizer
             shutil.rmtree(staging, ignore_errors=True)
 
 
+# Hidden folders that _write_model_folder leaves when killed: ".<name>.<random>" (staging)
+# and ".<name>.old" (the folder being replaced).
+_STAGING_FOLDER = re.compile(r"^\.(?P<name>best|epoch_\d+|step_e\d+_\d+)\.(?P<kind>old|[A-Za-z0-9_]+)$")
+
+
+def recover_interrupted_writes(output_dir: Path) -> None:
+    """Clean up after a run killed while writing a model folder or a JSON file.
+
+    Staging folders and temporary files are deleted. A folder moved aside to be replaced
+    (``.<name>.old``) is moved back when the replacement never arrived, and deleted otherwise.
+    """
+    for parent in (output_dir, output_dir / CHECKPOINTS_DIR):
+        if not parent.is_dir():
+            continue
+        for path in sorted(parent.iterdir()):
+            match = _STAGING_FOLDER.match(path.name)
+            if match is None or not path.is_dir():
+                continue
+            original = parent / match["name"]
+            if match["kind"] == "old" and not original.exists():
+                os.replace(path, original)
+                logger.info("restored %s, which a killed run had moved aside", original)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("removed %s, left by a killed run", path)
+    remove_stale_temporaries(output_dir)
+
+
 def _trainer_state_bytes(state: Mapping[str, Any]) -> bytes:
     import io
 
@@ -372,6 +401,8 @@ def train_model(
         "epoch_seconds": 0.0,
     }
     resumed_from = None
+    if distributed.is_main:
+        recover_interrupted_writes(output_dir)
     if resume:
         found = read_last_checkpoint(output_dir)
         if found is None:
