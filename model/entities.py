@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from model.documents import article_images
-from model.storage import canonical_json, check_safe_id, safe_join, write_json_if_changed
+from model.storage import canonical_json, check_safe_id, remove_stale_temporaries, safe_join, write_json_if_changed
 
 logger = logging.getLogger(__name__)
 
@@ -359,8 +359,9 @@ def extract_entities(
     from model.documents import load_article
 
     entities_root = Path(entities_root)
-    # Temporary files of killed runs stay: another partition's run may be writing into this folder.
     entities_root.mkdir(parents=True, exist_ok=True)
+    # Temporary files of killed runs go; those another partition's run is writing are locked and stay.
+    remove_stale_temporaries(entities_root)
     annotator = annotator or EntityAnnotator(spacy_model, batch_size=batch_size)
     report = EntityReport()
     started = time.perf_counter()
