@@ -322,6 +322,10 @@ class FaceDetector:
         box of another image: on a newsimages-2025 photo a box moved by 4 px in a batch of two.
         Batched detection would therefore not match detection of each image alone.
         """
+        if min(image.width, image.height) < self.config.min_face_size:
+            # No face of min_face_size fits. facenet-pytorch 2.5.3 builds an empty image
+            # pyramid for such an image and fails in torch.cat, so MTCNN is not called.
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), 0
         boxes, probs = self.mtcnn.detect([image])  # a list gives per-image entries: None or arrays
         boxes, probs = boxes[0], probs[0]
         if boxes is None or len(boxes) == 0:
