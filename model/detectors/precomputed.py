@@ -28,10 +28,12 @@ class PrecomputedBackend(RegionBackend):
             )
         self.feature_dim = 0
         self.has_attributes = True
-        files = list_region_json(self.folder)
-        if files:
-            first = read_region_json(next(iter(files.values())))
-            self.feature_dim = first.feature_dim
+        for path in list_region_json(self.folder).values():
+            try:
+                self.feature_dim = read_region_json(path).feature_dim
+            except RegionJsonError:
+                continue  # a damaged file fails for its own image in extract(), not for the folder
+            break
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "weights": str(self.folder), "feature_dim": self.feature_dim}
