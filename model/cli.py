@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from model.dataset import ArticleStore, NewsPairDataset, PairDatasetConfig, collate_samples, open_region_reader
+from model.dataset import ArticleStore, NewsPairDataset, PairDatasetConfig, open_region_reader
 from model.index import index_fingerprint, load_index
 from model.text import MODES, check_mode
 from model.train import BEST_DIR, TrainConfig, TrainResult, plot_loss_curves, train_model
@@ -127,13 +127,13 @@ def build_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
     data.add_argument("--validIndex", help="validation index (pickle or parquet)")
     data.add_argument("--testDsDir", help="folder of the test articles (used by --test)")
     data.add_argument("--testIndex", help="test index (pickle or parquet, used by --test)")
-    data.add_argument("--featsDir", required=True, help="region features: <data_root>/<dataset>/region_features (fast store) or a folder of original per-image JSON files")
+    data.add_argument("--featsDir", help="region features: <data_root>/<dataset>/region_features (fast store) or a folder of original per-image JSON files")
     data.add_argument("--facesDir", help="face features folder (<data_root>/<dataset>/face_features); default: next to --featsDir, else the faces stored in the NYTimes800k documents")
     data.add_argument("--entitiesDir", help="named-entity folder (<data_root>/<dataset>/entities); default: next to --featsDir when present")
     data.add_argument("--trustIndex", type=str2bool, default=False, metavar="BOOL", help="read an index pickle that this pipeline did not write, without running code from it (default False)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--output", required=True, help="run folder for checkpoints, best model, history and evaluation results")
+    model.add_argument("--output", help="run folder for checkpoints, best model, history and evaluation results")
     model.add_argument("--model", default=DEFAULT_LXMERT, help=f"LXMERT to start from: hub id, local folder or .pth file (default {DEFAULT_LXMERT})")
     model.add_argument("--loadLxmert", help="NewsLXMERT checkpoint to start from instead of --model (a checkpoint folder or an original .pth; QA heads are dropped); with --test, the model to evaluate")
     model.add_argument("--tokenizer", help="tokenizer folder or hub id; default: the one saved with the starting checkpoint, else the base LXMERT's")
@@ -165,7 +165,7 @@ def build_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace, dataset: str, parser: argparse.ArgumentParser) -> TrainingRun:
     """Turn parsed flags into a TrainingRun, or exit with a usage error naming the missing flags."""
-    check = (("--validDsDir", args.validDsDir), ("--validIndex", args.validIndex))
+    check = (("--featsDir", args.featsDir), ("--output", args.output), ("--validDsDir", args.validDsDir), ("--validIndex", args.validIndex))
     check += (("--testDsDir", args.testDsDir), ("--testIndex", args.testIndex)) if args.test else (("--trainDsDir", args.trainDsDir), ("--trainIndex", args.trainIndex))
     missing = [flag for flag, value in check if not value]
     if missing:
@@ -380,10 +380,16 @@ def evaluate_run(run: TrainingRun, tokenizer, regions, faces) -> dict[str, Any]:
     ):
         if not index:
             continue
-        selection = evaluation.select_pool(load_index(index, allow_foreign_pickle=run.trust_index), size)
-        dataset = NewsPairDataset(selection.items, ArticleStore(articles_dir), regions.get, tokenizer, config, faces=faces, fixed_epoch=0)
-        batch = collate_samples([dataset[i] for i in range(len(dataset))], tokenizer.pad_token_id)
-        pools[split] = evaluation.pool_from_batch(split, selection.items, batch, selection=selection)
+        pools[split] = evaluation.build_pool(
+            split,
+            load_index(index, allow_foreign_pickle=run.trust_index),
+            size,
+            articles=ArticleStore(articles_dir, entity_loader=entity_loader(run)),
+            regions=regions.get,
+            faces=faces,
+            tokenizer=tokenizer,
+            data_config=config,
+        )
     report = evaluation.evaluate_checkpoint(
         model, pools, Path(run.output) / "evaluation", device=device, model_fingerprint=_folder_fingerprint(source), title=f"NewsLXMERT on {run.dataset}"
     )

@@ -442,70 +442,18 @@ def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device | str) 
 # ---------------------------------------------------------------------------- feature sources
 
 
-def _decode_base64_array(value: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    import base64
-
-    return np.frombuffer(base64.b64decode(value), dtype=dtype).reshape(shape).copy()
-
-
-class OriginalRegionFolder:
-    """Region features in the original NewsLXMERT layout: one JSON file per image hash.
-
-    Each file holds base64 of little-endian arrays (``roi_features`` float32 (n, D),
-    ``normalized_boxes`` float32 (n, 4), ``obj_ids`` / ``attr_ids`` int64 (n,)) and
-    ``n_regions``. The original README names the files ``<hash>.jpg``, its code reads
-    ``<hash>.json``; both are accepted.
-    """
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"region feature folder {self.folder} not found (--featsDir)")
-
-    def _path(self, image_hash: str) -> Path | None:
-        for suffix in (".json", ".jpg"):
-            path = safe_join(self.folder, f"{check_safe_id(image_hash)}{suffix}")
-            if path.is_file():
-                return path
-        return None
-
-    def __contains__(self, image_hash: object) -> bool:
-        return isinstance(image_hash, str) and self._path(image_hash) is not None
-
-    def get(self, image_hash: str) -> dict[str, Any]:
-        path = self._path(image_hash)
-        if path is None:
-            raise KeyError(f"no region features for image {image_hash} in {self.folder}")
-        record = json.loads(path.read_text(encoding="utf-8"))
-        count = int(record["n_regions"])
-        result: dict[str, Any] = {
-            "roi_features": _decode_base64_array(record["roi_features"], "<f4", (count, -1)),
-            "normalized_boxes": _decode_base64_array(record["normalized_boxes"], "<f4", (count, 4)),
-            "n_regions": count,
-        }
-        for key in ("obj_ids", "attr_ids"):
-            if record.get(key):
-                result[key] = _decode_base64_array(record[key], "<i8", (count,))
-        return result
-
-    @property
-    def feature_dim(self) -> int:
-        first = next(iter(sorted(self.folder.glob("*.json"))), None) or next(iter(sorted(self.folder.glob("*.jpg"))), None)
-        if first is None:
-            raise FileNotFoundError(f"{self.folder} holds no region feature files")
-        return int(self.get(first.stem)["roi_features"].shape[1])
-
-
 def open_region_reader(feats_dir: str | Path):
-    """A region feature reader for ``--featsDir``.
+    """A ``model.regions.RegionFeatureReader`` for ``--featsDir``.
 
-    A pipeline folder (``<dataset_root>/region_features``, the fast store) is read with
-    ``model.regions.RegionFeatureReader``; any other folder is read as the original
-    per-image JSON layout.
+    A pipeline folder ``<dataset_root>/region_features`` is read as the pipeline writes it
+    (the fast store, then its JSON copies); any other folder is read as per-image JSON files
+    in the original layout (``<hash>.json`` or ``<hash>.jpg``).
     """
-    feats_dir = Path(feats_dir)
-    if feats_dir.name == "region_features" and ((feats_dir / "_manifests").is_dir() or (feats_dir / "store").exists()):
-        from model.regions import RegionFeatureReader
+    from model.regions import RegionFeatureReader
 
+    feats_dir = Path(feats_dir)
+    if not feats_dir.is_dir():
+        raise FileNotFoundError(f"region feature folder {feats_dir} not found (--featsDir)")
+    if feats_dir.name == "region_features":
         return RegionFeatureReader(feats_dir.parent)
-    return OriginalRegionFolder(feats_dir)
+    return RegionFeatureReader(feats_dir, json_dirs=[feats_dir])

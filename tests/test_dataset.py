@@ -7,7 +7,6 @@ that text and image carry the same information as drawn demo images seen by a de
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from pathlib import Path
@@ -18,10 +17,10 @@ import pytest
 from model.dataset import (
     ArticleStore,
     NewsPairDataset,
-    OriginalRegionFolder,
     PairDatasetConfig,
     collate_samples,
     model_inputs,
+    open_region_reader,
     padded_regions,
     record_from_document,
 )
@@ -86,6 +85,24 @@ def demo_face_features(image_hash: str, n_faces: int) -> dict[str, np.ndarray]:
     return {"embeddings": embeddings, "mask": np.arange(10) < n_faces, "n_faces": n_faces}
 
 
+def region_features_of(regions: dict[str, np.ndarray]):
+    """The demo regions as the region stage's RegionFeatures, to write them in its formats."""
+    from model.detectors.base import RegionFeatures
+
+    return RegionFeatures(
+        roi_features=regions["roi_features"],
+        boxes=regions["normalized_boxes"] * 100,
+        normalized_boxes=regions["normalized_boxes"],
+        obj_ids=regions["obj_ids"],
+        obj_probs=np.ones(36, np.float32),
+        attr_ids=regions["attr_ids"],
+        attr_probs=np.ones(36, np.float32),
+        n_regions=36,
+        image_width=100,
+        image_height=100,
+    )
+
+
 class DemoData:
     """In-memory demo-like data: JSON documents, records, pairs per split and feature lookups."""
 
@@ -121,6 +138,7 @@ class DemoData:
     def write(self, root: Path) -> dict[str, Path]:
         """Write articles per split, original-layout region JSON files and trusted index files."""
         from model.index import IndexedPair, write_split_index
+        from model.region_json import write_region_json
 
         articles = root / "nytimes800k" / "articles"
         for document in self.documents:
@@ -128,10 +146,8 @@ class DemoData:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(canonical_json(document), encoding="utf-8")
         feats = root / "feats"
-        feats.mkdir(parents=True, exist_ok=True)
         for image_hash, regions in self.regions.items():
-            encoded = {key: base64.b64encode(np.ascontiguousarray(regions[key]).tobytes()).decode() for key in ("roi_features", "normalized_boxes", "obj_ids", "attr_ids")}
-            (feats / f"{image_hash}.json").write_text(json.dumps({**encoded, "n_regions": 36}), encoding="utf-8")
+            write_region_json(feats, image_hash, region_features_of(regions))
         index = root / "index"
         paths = {"articles": articles, "feats": feats}
         for split, pairs in self.pairs.items():
@@ -281,7 +297,7 @@ def test_regions_are_padded_to_36():
         padded_regions({"roi_features": np.ones((40, 8), np.float32), "normalized_boxes": np.ones((40, 4), np.float32)}, "h")
 
 
-def test_article_store_and_original_feature_folder(demo, tmp_path):
+def test_article_store_and_original_json_features(demo, tmp_path):
     paths = demo.write(tmp_path)
     aid, iid = demo.pairs["train"][0]
     store = ArticleStore(paths["articles"] / "train")
@@ -290,13 +306,15 @@ def test_article_store_and_original_feature_folder(demo, tmp_path):
     with pytest.raises(FileNotFoundError, match="rebuild the index"):
         store("0" * 24)
 
-    folder = OriginalRegionFolder(paths["feats"])
+    reader = open_region_reader(paths["feats"])
     image_hash = demo.records[aid].image_hashes[iid]
-    assert image_hash in folder
-    assert folder.feature_dim == FEATURE_DIM
-    np.testing.assert_array_equal(folder.get(image_hash)["roi_features"], demo.regions[image_hash]["roi_features"])
+    assert image_hash in reader
+    assert reader.feature_dim == FEATURE_DIM
+    np.testing.assert_array_equal(reader.get(image_hash)["roi_features"], demo.regions[image_hash]["roi_features"])
     with pytest.raises(KeyError):
-        folder.get("f" * 64)
+        reader.get("f" * 64)
+    with pytest.raises(FileNotFoundError, match="featsDir"):
+        open_region_reader(tmp_path / "nowhere")
 
 
 def test_dataloader_workers_give_same_batches(demo, tokenizer):
