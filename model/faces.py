@@ -705,21 +705,32 @@ def read_original_json(value: Mapping[str, Any]) -> FaceResult:
     rows = int(value.get("faces_size", 0))
     if rows == 0:
         return empty_result(0, 0)
-    raw = base64.b64decode(value["faces_embeddings"])
+    raw = _b64decode(value["faces_embeddings"], "faces_embeddings")
     itemsize = len(raw) // (rows * EMBEDDING_SIZE)
     if itemsize not in (4, 8) or itemsize * rows * EMBEDDING_SIZE != len(raw):
         raise ValueError(f"faces_embeddings contains {len(raw)} bytes, which is not {rows} x {EMBEDDING_SIZE} float32 or float64")
     float_type = np.dtype("<f4") if itemsize == 4 else np.dtype("<f8")
     embeddings = np.frombuffer(raw, float_type).reshape(rows, EMBEDDING_SIZE).astype(np.float32)
+    if not np.isfinite(embeddings).all():
+        raise ValueError("faces_embeddings contains NaN or infinite values")
     probs = np.zeros((rows,), np.float32)
     if value.get("faces_detect_probs"):
-        raw_probs = base64.b64decode(value["faces_detect_probs"])
+        raw_probs = _b64decode(value["faces_detect_probs"], "faces_detect_probs")
         probs = np.frombuffer(raw_probs, np.dtype("<f4") if len(raw_probs) == 4 * rows else np.dtype("<f8"))
         probs = probs.astype(np.float32)[:rows]
     boxes = np.zeros((rows, 4), np.float32)
     if value.get("faces_boxes"):
-        boxes = np.frombuffer(base64.b64decode(value["faces_boxes"]), "<f4").reshape(-1, 4)[:rows].astype(np.float32)
+        boxes = np.frombuffer(_b64decode(value["faces_boxes"], "faces_boxes"), "<f4").reshape(-1, 4)[:rows].astype(np.float32)
     return FaceResult(embeddings, probs, boxes, int(value.get("n_faces", rows)), 0, 0)
+
+
+def _b64decode(text: Any, field: str) -> bytes:
+    if not isinstance(text, str):
+        raise ValueError(f"{field} must be a base64 string, found {type(text).__name__}")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except ValueError as error:  # binascii.Error
+        raise ValueError(f"{field} is not valid base64 ({error})") from None
 
 
 # --- reading for training -------------------------------------------------------------------
@@ -760,7 +771,13 @@ class FaceFeatureReader:
                     f"no faces for image {image_hash} in {self.store.folder} or {path.parent}; "
                     "materialize the face_features asset for its partition first"
                 )
-            result = read_original_json(json.loads(path.read_text(encoding="utf-8")))
+            try:
+                result = read_original_json(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"{path}: unreadable face features ({type(error).__name__}: {error}); the file is damaged or not "
+                    "in the original layout, so replace it or materialize the face_features asset for its partition"
+                ) from None
             embeddings, probs, boxes = result.embeddings, result.detect_probs, result.boxes
         n = min(len(embeddings), self.max_faces)
         padded = np.zeros((self.max_faces, EMBEDDING_SIZE), np.float32)

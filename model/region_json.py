@@ -126,6 +126,8 @@ def parse_region_json(content: Any, name: str, n_regions: int = N_REGIONS, featu
             continue
         width = expected_dim if field == "roi_features" else ROW_WIDTH.get(field, 0)
         arrays[field] = decode_array(content[field], dtype, rows, width, name, field)
+        if arrays[field].dtype.kind == "f" and not np.isfinite(arrays[field]).all():
+            raise RegionJsonError(f"{name}: field {field!r} contains NaN or infinite values; extract the features of this image again")
 
     width_px = _read_signed(content.get("image_width", -1), name, "image_width")
     height_px = _read_signed(content.get("image_height", -1), name, "image_height")
