@@ -396,7 +396,10 @@ class RegionFeatureReader:
             )
         # With D known (from the store or an earlier file), a truncated or foreign file
         # raises RegionJsonError naming it instead of giving rows of another width.
-        return read_region_json(path, feature_dim=self._known_feature_dim()).to_dict()
+        features = read_region_json(path, feature_dim=self._known_feature_dim())
+        if self._feature_dim is None:
+            self._feature_dim = features.feature_dim
+        return features.to_dict()
 
 
 def default_num_workers() -> int:

@@ -299,7 +299,12 @@ def document_cases() -> list[DocumentCase]:
             "exported",
         ),
         DocumentCase("int64_field", _nytimes_document("int64", abstract=Int64(2**40)), "exported"),
-        DocumentCase("timezone_datetime", _nytimes_document("tz-date", pub_date=dt.datetime(2024, 1, 1, 23, 30)), "exported"),
+        # 23:30 at UTC+2 is 21:30 UTC, still the first of January.
+        DocumentCase(
+            "aware_datetime",
+            _nytimes_document("tz-date", pub_date=dt.datetime(2024, 1, 1, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=2)))),
+            "exported",
+        ),
     ]
 
 
@@ -326,8 +331,8 @@ def region_json_content(rows: int = 36, dim: int = 8, seed: int = 0) -> dict[str
     }
 
 
-def region_feature_cases(dim: int = 8) -> dict[str, tuple[dict[str, Any] | bytes, str]]:
-    """name -> (JSON object or raw bytes, expected RegionJsonError text, or "finite"/"nonfinite")."""
+def region_feature_cases(dim: int = 8) -> dict[str, tuple[dict[str, Any] | bytes, str | None]]:
+    """name -> (JSON object or raw bytes, text of the expected RegionJsonError, or None for a valid file)."""
     good = region_json_content(dim=dim)
     bad_base64 = dict(good, roi_features=good["roi_features"][:-7] + "!!*&^%$")
     float64 = dict(good, boxes=base64.b64encode(np.zeros((36, 4), "<f8").tobytes()).decode("ascii"))
@@ -338,13 +343,39 @@ def region_feature_cases(dim: int = 8) -> dict[str, tuple[dict[str, Any] | bytes
     nan[5, 0] = np.inf
     with_nan = dict(good, roi_features=base64.b64encode(nan.tobytes()).decode("ascii"))
     return {
-        "valid": (good, "finite"),
-        "bad_base64": (bad_base64, "not valid base64"),
-        "boxes_float64": (float64, "written with another dtype"),
-        "obj_ids_int32": (int_features, "written with another dtype"),
-        "roi_features_cut": (cut, "roi_features"),
+        "valid": (good, None),
+        "bad_base64": (bad_base64, "field 'roi_features' is not valid base64"),
+        "boxes_float64": (float64, "field 'boxes' contains 1152 bytes, expected 576"),
+        "obj_ids_int32": (int_features, "field 'obj_ids' contains 144 bytes, expected 288"),
+        "roi_features_cut": (cut, "field 'roi_features' contains"),
         "not_json": (b"\x00\x01 not json", "not valid JSON"),
-        "nan_values": (with_nan, "nonfinite"),
+        "nan_values": (with_nan, "field 'roi_features' contains NaN or infinite values"),
+    }
+
+
+def face_json_content(rows: int = 2, dtype: str = "<f8", seed: int = 0) -> dict[str, Any]:
+    """A valid face-feature JSON object in the original layout (float64 embeddings, as the original wrote)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "faces_embeddings": base64.b64encode(rng.normal(size=(rows, 512)).astype(dtype).tobytes()).decode("ascii"),
+        "n_faces": rows,
+        "faces_detect_probs": base64.b64encode(np.full(rows, 0.99, dtype).tobytes()).decode("ascii"),
+        "faces_size": rows,
+    }
+
+
+def face_feature_cases() -> dict[str, tuple[dict[str, Any] | bytes, str | None]]:
+    """name -> (JSON object or raw bytes, text of the expected error, or None for a valid file)."""
+    good = face_json_content()
+    nan = np.zeros((2, 512), "<f8")
+    nan[1, 7] = np.nan
+    return {
+        "valid_float64": (good, None),
+        "valid_float32": (face_json_content(dtype="<f4"), None),
+        "bad_base64": (dict(good, faces_embeddings="%%%" + good["faces_embeddings"][3:]), "faces_embeddings is not valid base64"),
+        "float16": (face_json_content(dtype="<f2"), "not 2 x 512 float32 or float64"),
+        "nan_values": (dict(good, faces_embeddings=base64.b64encode(nan.tobytes()).decode("ascii")), "NaN or infinite"),
+        "not_json": (b"{\"faces_size\": 2, ", "JSONDecodeError"),
     }
 
 

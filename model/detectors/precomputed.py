@@ -6,11 +6,15 @@ The folder contains one file per image in the original JSON layout, named ``<has
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from model.detectors.base import DecodedImage, RegionBackend, RegionFailure, RegionFeatures
 from model.region_json import RegionJsonError, find_region_json, list_region_json, read_region_json
+
+
+SIZING_SAMPLE = 16  # readable files whose feature size decides the folder's
 
 
 class PrecomputedBackend(RegionBackend):
@@ -26,14 +30,24 @@ class PrecomputedBackend(RegionBackend):
                 f"precomputed feature folder {self.folder} not found; set 'precomputed_dir' to the folder "
                 "holding <hash>.json (or <hash>.jpg) files from the original extraction"
             )
-        self.feature_dim = 0
+        self.feature_dim = self._common_feature_dim()
         self.has_attributes = True
+
+    def _common_feature_dim(self, sample: int = SIZING_SAMPLE) -> int:
+        """Return the most common feature size among the first ``sample`` readable files, 0 for none.
+
+        A damaged file fails for its own image in extract(). A vote keeps one file whose
+        roi_features were cut to a whole number of shorter rows from setting the size.
+        """
+        sizes: Counter = Counter()
         for path in list_region_json(self.folder).values():
             try:
-                self.feature_dim = read_region_json(path).feature_dim
+                sizes[read_region_json(path).feature_dim] += 1
             except RegionJsonError:
-                continue  # a damaged file fails for its own image in extract(), not for the folder
-            break
+                continue
+            if sum(sizes.values()) >= sample:
+                break
+        return sizes.most_common(1)[0][0] if sizes else 0
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "weights": str(self.folder), "feature_dim": self.feature_dim}
