@@ -101,7 +101,7 @@ def _check_index(dataset_root: Path, dataset: str) -> None:
 
 
 def _corpus_texts(data_root: Path):
-    """Every headline, snippet and caption of both datasets, to train the tiny tokenizer on."""
+    """Yield every headline, snippet and caption of both datasets, to train the tiny tokenizer on."""
     for dataset, stage in TEXT_STAGE.items():
         folder = data_root / dataset / stage
         if not folder.is_dir():
@@ -112,7 +112,7 @@ def _corpus_texts(data_root: Path):
 
 
 def base_model_source(config: TrainingConfig, settings: PipelineSettings, feature_dim: int) -> str:
-    """The LXMERT that pre-training starts from: the tiny profile's folder, else ``lxmert_model``.
+    """Return the LXMERT that pre-training starts from: the tiny profile's folder, else ``lxmert_model``.
 
     Raises ModelWeightsNotFoundError naming the setting when the base model is neither a
     local folder nor in the local Hugging Face cache, before any process is started.
@@ -138,18 +138,18 @@ def base_model_source(config: TrainingConfig, settings: PipelineSettings, featur
 
 
 def pretrained_checkpoint(settings: PipelineSettings) -> Path:
-    """The best checkpoint of the latest finished pre-training run."""
+    """Return the best checkpoint of the latest finished pre-training run."""
     pointer = settings.dataset_root(PRETRAINED[0]) / PRETRAINED[1] / CURRENT_POINTER
     if not pointer.is_file():
         raise FileNotFoundError(f"no finished pre-training run ({pointer} missing); materialize nytimes800k/pretrained_model first")
     best = Path(json.loads(pointer.read_text(encoding="utf-8"))["best_checkpoint"])
     if not (best / "config.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {best}, which holds no checkpoint; materialize nytimes800k/pretrained_model again")
+        raise FileNotFoundError(f"{pointer} names {best}, but that checkpoint is missing; materialize nytimes800k/pretrained_model again")
     return best
 
 
 def build_run(config: TrainingConfig, settings: PipelineSettings, dataset: str, asset_name: str, start_from: dict[str, Optional[str]]) -> TrainingRun:
-    """The TrainingRun of an asset: the pipeline's folders for ``dataset`` and the config's flags."""
+    """Build an asset's TrainingRun from the pipeline's folders for ``dataset`` and the config's flags."""
     dataset_root = settings.dataset_root(dataset)
     articles = dataset_root / TEXT_STAGE[dataset]
     resolved = config.resolved(settings.profile)

@@ -65,7 +65,7 @@ def convert_original_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict
 
 
 def to_original_state_dict(model: NewsLxmertForPreTraining) -> dict[str, torch.Tensor]:
-    """The model's weights under the original NewsLXMERT key names (tied decoder included)."""
+    """Return the model's weights under the original NewsLXMERT key names (tied decoder included)."""
     inverse = {new: old for old, new in ORIGINAL_FACE_KEYS.items()}
     state = {}
     for key, value in model.state_dict().items():
@@ -86,8 +86,8 @@ def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
 def infer_config_from_state_dict(state: Mapping[str, torch.Tensor], **overrides: Any):
     """Rebuild the LXMERT configuration from the shapes of a converted state dict.
 
-    The number of attention heads is not visible in the shapes; it defaults to hidden / 64
-    (12 for the 768-wide base model) unless ``num_attention_heads`` is passed.
+    The shapes do not show the number of attention heads. It defaults to hidden / 64 (12 for
+    the 768-wide base model) unless ``num_attention_heads`` is passed.
     """
     required = "lxmert.embeddings.word_embeddings.weight"
     if required not in state:
@@ -190,7 +190,7 @@ def load_transformers_lxmert(name_or_folder: str, use_faces: bool = False, **ove
     """
     from transformers import LxmertConfig, LxmertForPreTraining
 
-    # A path that looks local never goes to the hub; a hub id is looked up in the local cache
+    # A path that looks local never goes to the hub. A hub id is looked up in the local cache
     # first, so that an offline machine fails at once instead of after the hub's retries.
     looks_local = name_or_folder.startswith((".", "/", "~")) or name_or_folder.count("/") > 1
     try:

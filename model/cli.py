@@ -113,7 +113,7 @@ class TrainingRun:
 
 
 def build_parser(prog: str, dataset: str) -> argparse.ArgumentParser:
-    """The argument parser of ``prog`` for ``dataset``; ``--help`` explains every flag."""
+    """Build the argument parser of ``prog`` for ``dataset``; ``--help`` explains every flag."""
     name = {"nytimes800k": "NYTimes800k (pre-training)", "newsimages": "MediaEval NewsImages (fine-tuning)"}[dataset]
     modes = "; ".join(f"{key} = {value}" for key, value in MODES.items())
     parser = argparse.ArgumentParser(
@@ -222,7 +222,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def load_tokenizer(run: TrainingRun):
-    """The run's fast tokenizer: explicit, else saved with the starting checkpoint, else the base LXMERT's."""
+    """Load the run's fast tokenizer: the given one, else the starting checkpoint's, else the base LXMERT's."""
     from transformers import AutoTokenizer
 
     from model.modeling import ModelWeightsNotFoundError
@@ -243,7 +243,7 @@ def load_tokenizer(run: TrainingRun):
 
 
 def load_model(run: TrainingRun, visual_feat_dim: int):
-    """The network the run starts from (``--loadLxmert`` before ``--model``)."""
+    """Load the network the run starts from (``--loadLxmert`` before ``--model``)."""
     import torch
 
     from model.modeling import NewsLxmertForPreTraining, news_lxmert_config
@@ -266,7 +266,7 @@ def _dataset_root_of(run: TrainingRun) -> Path:
 
 
 def open_face_reader(run: TrainingRun):
-    """The face lookup of the run, or None to read faces stored in the documents."""
+    """Open the run's face lookup, or return None to read the faces stored in the documents."""
     if not run.faces:
         return None
     faces_dir = Path(run.faces_dir) if run.faces_dir else _dataset_root_of(run) / "face_features"
@@ -369,7 +369,10 @@ def evaluate_run(run: TrainingRun, tokenizer, regions, faces) -> dict[str, Any]:
     if not Path(source).exists() and not run.load_lxmert:
         raise FileNotFoundError(f"--test found no trained model in {source}; train first or pass --loadLxmert")
     model = NewsLxmertForPreTraining.from_pretrained(source, use_faces=run.faces, visual_feat_dim=regions.feature_dim)
-    device = torch.device(run.train.device if run.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_name = run.train.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
     model.to(device).eval()
 
     config = dataclasses.replace(run.dataset_config(), negative_ratio=0.0, masked_lm_ratio=0.0, masked_feats_ratio=0.0)

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ArticleRecord:
-    """What the data path needs from one article document."""
+    """The texts, image hashes, entity spans and stored faces of one article document."""
 
     aid: str
     text: ArticleText
@@ -66,7 +66,7 @@ def _valid_spans(spans: Any, text: str) -> list[dict[str, Any]]:
 def _stage_spans(entities: Mapping[str, Any]) -> tuple[dict[str, Any], dict[int, Any]]:
     """Spans by field name and caption spans by iid from an entities-stage file.
 
-    The file (``model.entities.load_entities``) holds ``fields: {name: {"spans": [...]}}``
+    The file (``model.entities.load_entities``) contains ``fields: {name: {"spans": [...]}}``
     and ``captions: [{"iid": i, "spans": [...]}]``.
     """
     fields = {
@@ -177,7 +177,7 @@ class ArticleStore:
 
 @dataclasses.dataclass(frozen=True)
 class PairDatasetConfig:
-    """How samples are built; the defaults are the original NewsLXMERT's."""
+    """Sample-building settings; the defaults are the original NewsLXMERT's."""
 
     dataset: str = "nytimes800k"  # nytimes800k or newsimages
     mode: int = 7
@@ -245,7 +245,7 @@ class NewsPairDataset(torch.utils.data.Dataset):
         article_codes: dict[str, int] = {}
         self._article_of = np.array([article_codes.setdefault(aid, len(article_codes)) for aid, _ in self.pairs], dtype=np.int64)
         if config.negative_ratio > 0 and len(article_codes) < 2:
-            raise ValueError("negative pairs need texts of at least two articles, but the index holds one article")
+            raise ValueError("negative pairs need texts of at least two articles, but the index contains one article; add articles to the split")
         special_ids = set(tokenizer.all_special_ids)
         self._replacement_ids = np.array([i for i in range(len(tokenizer)) if i not in special_ids], dtype=np.int64)
         self._text_cache: dict[int, TokenizedText] = {}
@@ -270,7 +270,7 @@ class NewsPairDataset(torch.utils.data.Dataset):
         return hashes[iid]
 
     def text(self, index: int) -> TokenizedText:
-        """The tokenized text of pair ``index`` (cached per worker)."""
+        """Return the tokenized text of pair ``index`` (cached per worker)."""
         cached = self._text_cache.get(index)
         if cached is not None:
             return cached
@@ -445,9 +445,9 @@ def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device | str) 
 def open_region_reader(feats_dir: str | Path):
     """A ``model.regions.RegionFeatureReader`` for ``--featsDir``.
 
-    A pipeline folder ``<dataset_root>/region_features`` is read as the pipeline writes it
-    (the fast store, then its JSON copies); any other folder is read as per-image JSON files
-    in the original layout (``<hash>.json`` or ``<hash>.jpg``).
+    A pipeline folder ``<dataset_root>/region_features`` is read as the pipeline writes it:
+    the fast store first, then its JSON copies. Any other folder is read as per-image JSON
+    files in the original layout (``<hash>.json`` or ``<hash>.jpg``).
     """
     from model.regions import RegionFeatureReader
 

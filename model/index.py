@@ -1,6 +1,6 @@
 """The pair index: per split, which (article, image) pairs have everything training needs.
 
-``<dataset_root>/index/<split>.pickle`` holds ``{i: (aid, iid)}`` as the original NewsLXMERT
+``<dataset_root>/index/<split>.pickle`` contains ``{i: (aid, iid)}`` as the original NewsLXMERT
 expects, ``<split>.parquet`` the same rows with the image hash, and ``<split>.pickle.sha256``
 the SHA-256 of both files. ``load_index`` reads a pickle only when that fingerprint shows
 that this pipeline wrote it (and then reads the Parquet twin); a pickle from elsewhere is
@@ -57,7 +57,7 @@ class IndexedPair:
 
 @dataclasses.dataclass
 class FeatureAvailability:
-    """Which image hashes a feature stage finished or failed, over all its partitions."""
+    """The image hashes a feature stage finished or failed, over all its partitions."""
 
     done: set[str] = dataclasses.field(default_factory=set)
     failed: set[str] = dataclasses.field(default_factory=set)
@@ -257,12 +257,12 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
     """Unpickles only built-in containers and scalars: every class or function lookup fails."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"the index refers to {module}.{name}; an index holds only dicts, tuples, strings and ints")
+        raise pickle.UnpicklingError(f"the index refers to {module}.{name}, but an index may contain only dicts, tuples, strings and ints")
 
 
 def _pairs_from_mapping(mapping: Any, path: Path) -> list[tuple[str, int]]:
     if not isinstance(mapping, dict):
-        raise ValueError(f"{path} holds a {type(mapping).__name__}, not a dict {{i: (aid, iid)}}")
+        raise ValueError(f"{path} contains a {type(mapping).__name__}, not a dict {{i: (aid, iid)}}")
     pairs = []
     for key in sorted(mapping):
         value = mapping[key]

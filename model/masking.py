@@ -4,9 +4,9 @@ Tokens: each is chosen with probability ``lm_ratio`` (0.15), or ``entity_ratio``
 it lies inside a named entity and entity masking is on. A chosen token becomes [MASK] 80% of
 the time, a random token 10% and stays 10%; its label is the original id, other labels -100.
 
-Regions and faces: each is chosen with probability ``ratio`` (0.15); a chosen one is zeroed
-80% of the time, replaced by a feature of another item 10%, and kept 10%. Faces are drawn
-only among the real faces of the image.
+Regions and faces: each is chosen with probability ``ratio`` (0.15). A chosen one is zeroed
+80% of the time, replaced by a feature of another item 10%, and kept 10%. Only the real
+faces of an image can be chosen, never its padded face slots.
 
 Every function takes a ``numpy.random.Generator`` so that a sample's masks depend only on
 the seed it was built from, not on which DataLoader worker built it.

@@ -15,10 +15,11 @@ the single-modality layers once per item and only the cross-modality layers per 
 
 Losses: masked LM (mean over masked tokens, 0 when none is masked), image-text matching on
 the pooled output (class 1 = match), object and attribute classification and SmoothL1
-feature regression on masked regions, and SmoothL1 regression of masked faces. As in LXMERT
-(transformers' ``LxmertForPreTraining`` and the original code), each visual loss is the mean
-over all visual tokens of the masked ones' losses multiplied by ``visual_loss_normalizer``
-(6.67, about 1 / 0.15), which undoes the dilution by the 85% unmasked tokens.
+feature regression on masked regions, and SmoothL1 regression of masked faces. Each visual
+loss averages over all visual tokens, counting 0 for unmasked ones, and is then multiplied
+by ``visual_loss_normalizer`` (6.67, about 1 / 0.15). The factor undoes the dilution by the
+85% unmasked tokens; transformers' ``LxmertForPreTraining`` and the original NewsLXMERT code
+scale the same way.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ class FaceHead(nn.Module):
 
 
 def news_lxmert_config(base: LxmertConfig | Mapping[str, Any] | None = None, **overrides: Any) -> LxmertConfig:
-    """An ``LxmertConfig`` with the NewsLXMERT fields (use_faces, face_feat_dim, max_faces) set.
+    """Build an ``LxmertConfig`` with the NewsLXMERT fields (use_faces, face_feat_dim, max_faces) set.
 
-    The QA task is always off: NewsLXMERT has no answer head.
+    The question-answering task is always off because NewsLXMERT has no QA head.
     """
     if base is None:
         values: dict[str, Any] = {}
@@ -139,9 +140,11 @@ def extended_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 class NewsLxmertForPreTraining(nn.Module):
     """NewsLXMERT: LXMERT for news text-image matching, with optional FaceNet face tokens.
 
-    Inputs follow transformers' names: ``input_ids`` / ``attention_mask`` / ``token_type_ids``
-    (B, T); ``visual_feats`` (B, 36, D) region features; ``visual_pos`` (B, 36, 4) normalized
-    boxes; ``face_feats`` (B, F, 512) and ``face_mask`` (B, F) when faces are on.
+    Inputs follow transformers' names:
+
+    - ``input_ids``, ``attention_mask``, ``token_type_ids``: (B, T)
+    - ``visual_feats``: (B, 36, D) region features, ``visual_pos``: (B, 36, 4) normalized boxes
+    - ``face_feats``: (B, F, 512) and ``face_mask``: (B, F), when faces are on
     """
 
     def __init__(self, config: LxmertConfig):
@@ -282,10 +285,10 @@ class NewsLxmertForPreTraining(nn.Module):
         """Run all stages and the losses whose labels are given.
 
         labels: (B, T) masked-LM targets, -100 where not masked.
-        obj_labels: by loss name, (target, mask) pairs: ``obj``/``attr`` (B, 36) class ids (-1: none),
-        ``feat`` (B, 36, D) features, ``faces_feat`` (B, F, 512) embeddings; each mask is
-        (B, n) with 1 at masked tokens. Keys that are absent are skipped, so a feature store
-        without object or attribute labels trains the other losses.
+        obj_labels: (target, mask) pairs by loss name. Targets: ``obj``/``attr`` (B, 36) class
+        ids (-1: no label), ``feat`` (B, 36, D) features, ``faces_feat`` (B, F, 512)
+        embeddings. Each mask is (B, n) with 1 at masked tokens. Absent keys are skipped, so
+        a feature store without object or attribute labels still trains the other losses.
         matched_label: (B,) 1 for a true pair, 0 for a negative.
         """
         lang_hidden = self.encode_text(input_ids, attention_mask, token_type_ids)

@@ -35,7 +35,7 @@ MODES = {
 }
 CAPTION_MODES = frozenset({1, 2, 3, 4})
 DATASETS_WITHOUT_CAPTIONS = frozenset({"newsimages"})
-# Which fields each mode joins, in order, and whether a final period follows.
+# The fields each mode joins, in order, and whether a final period follows.
 _MODE_FIELDS: dict[int, tuple[tuple[str, ...], bool]] = {
     1: (("caption",), False),
     2: (("caption", "headline"), False),
@@ -132,7 +132,7 @@ def compose_text(
 
 
 def tokenize_text(tokenizer, composed: ComposedText, max_seq_len: int) -> TokenizedText:
-    """Tokenize with [CLS] ... [SEP], truncated to ``max_seq_len`` tokens, marking entity tokens.
+    """Tokenize as [CLS] ... [SEP], truncated to ``max_seq_len`` tokens, and mark entity tokens.
 
     A token belongs to an entity when its character range overlaps an entity span.
     Needs a fast (Rust) tokenizer for the offset mapping.

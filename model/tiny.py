@@ -17,9 +17,9 @@ from typing import Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
-# Sized so that a few hundred demo pairs train in seconds per epoch on one CPU core, and
-# chosen by how soon the image-text matching loss leaves log(2) when trained from scratch
-# on demo-like data (batch 32, lr 3e-4, one CPU thread):
+# Sized so that a few hundred demo pairs train in seconds per epoch on one CPU core. The
+# values below were chosen by how soon the image-text matching loss leaves log(2) when the
+# model trains from scratch on demo-like data (batch 32, lr 3e-4, one CPU thread):
 # - initializer_range 1/sqrt(hidden_size) instead of BERT's 0.02: with 0.02 attention stays
 #   almost uniform and the loss stayed at log(2) for over 1,500 steps;
 # - one language and one object-relationship layer: 2/2/2 layers had not left the plateau

@@ -1,11 +1,12 @@
 """The NewsLXMERT training loop.
 
-AdamW (lr 1e-4, weight decay 0.01 on all but biases and LayerNorm weights, betas 0.9/0.999,
-eps 1e-6), linear warm-up over ``warmup_ratio`` of the optimizer steps then linear decay to
-0, gradient clipping at 1.0, micro-batches accumulated up to ``batch_size``, mixed precision
-on CUDA (bf16 where supported, else fp16 with loss scaling), a checkpoint after every epoch
-(and every ``checkpoint_every_steps`` optimizer steps if set) plus the model with the best
-validation loss.
+- AdamW: lr 1e-4, weight decay 0.01 on all but biases and LayerNorm weights, betas
+  0.9/0.999, eps 1e-6;
+- linear warm-up over ``warmup_ratio`` of the optimizer steps, then linear decay to 0;
+- gradient clipping at norm 1.0, and micro-batches accumulated up to ``batch_size``;
+- mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling;
+- a checkpoint after every epoch (and every ``checkpoint_every_steps`` optimizer steps if
+  set), plus the model with the best validation loss.
 
 Output folder::
 
@@ -151,7 +152,7 @@ def resolve_device(name: str, distributed: Distributed) -> torch.device:
 
 
 def optimizer_batches(count: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The sample indexes of each optimizer step of ``epoch``: a seeded shuffle cut into batches."""
+    """Shuffle the sample indexes for ``epoch`` (seeded) and cut them into optimizer batches."""
     order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(count)
     return [order[start : start + batch_size] for start in range(0, count, batch_size)]
 
@@ -268,7 +269,7 @@ def _trainer_state_bytes(state: Mapping[str, Any]) -> bytes:
 
 
 def read_last_checkpoint(output_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint folder and its pointer record, or None when there is none."""
+    """Return the newest checkpoint folder and its pointer record, or None when there is none."""
     pointer = output_dir / LAST_POINTER
     if not pointer.is_file():
         return None
@@ -366,9 +367,9 @@ def train_model(
 ) -> TrainResult:
     """Train ``model`` on ``train_dataset`` (a NewsPairDataset) and write checkpoints to ``output_dir``.
 
-    ``run_info`` (settings and data fingerprints, JSON values) goes to ``run.json``; its
-    ``fingerprint`` entry must match the checkpoint's when resuming, so a resume never mixes
-    two different runs.
+    ``run_info`` (settings and data fingerprints, JSON values) is written to ``run.json``. When
+    resuming, its ``fingerprint`` entry must equal the checkpoint's, so that a resume never
+    mixes two different runs.
     """
     started = time.perf_counter()
     output_dir = Path(output_dir)
@@ -412,7 +413,7 @@ def train_model(
             saved = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
             if saved.get("fingerprint") != fingerprint:
                 raise ValueError(
-                    f"{output_dir} holds a run with other settings or data (fingerprint {saved.get('fingerprint')} "
+                    f"{output_dir} contains a run with other settings or data (fingerprint {saved.get('fingerprint')} "
                     f"!= {fingerprint}); use another output folder or resume with the same settings"
                 )
             from safetensors.torch import load_file

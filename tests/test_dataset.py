@@ -1,8 +1,8 @@
 """Tests of the training data path, plus demo-like data that the training tests reuse.
 
 Demo-like data: the demo corpus's articles, with region features made from the concepts
-their captions name (each colour, shape, place and person has a fixed random vector), so
-that text and image carry the same information as drawn demo images seen by a detector.
+their captions name. Each colour, shape, place and person has a fixed random vector. Text
+and image so carry the same information as drawn demo images seen by a detector.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def test_foreign_pickle_is_not_unpickled(tmp_path):
     assert load_index(path, allow_foreign_pickle=True) == [("aid1", 0), ("aid2", 1)]
 
 
-def test_foreign_pickle_with_code_is_rejected_even_when_allowed(tmp_path):
+def test_foreign_pickle_with_code_rejected(tmp_path):
     import os
 
     path = tmp_path / "evil.pickle"

@@ -41,8 +41,10 @@ def test_special_tokens_never_masked():
     special[[0, -1]] = True
     for _ in range(200):
         masked, labels = mask_tokens(ids, rng, mask_token_id=MASK_ID, replacement_ids=REPLACEMENTS, special_mask=special, lm_ratio=0.9)
-        assert masked[0] == 2 and masked[-1] == 3
-        assert labels[0] == -100 and labels[-1] == -100
+        assert masked[0] == 2
+        assert masked[-1] == 3
+        assert labels[0] == -100
+        assert labels[-1] == -100
 
 
 def test_zero_ratio_masks_nothing():

@@ -187,7 +187,8 @@ def test_save_and_load_round_trip(tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["use_faces"] is True and config["architectures"] == ["NewsLxmertForPreTraining"]
+    assert config["use_faces"] is True
+    assert config["architectures"] == ["NewsLxmertForPreTraining"]
     loaded = NewsLxmertForPreTraining.from_pretrained(tmp_path / "ckpt").eval()
     inputs = make_inputs()
     torch.testing.assert_close(model(**inputs).match_logits, loaded(**inputs).match_logits)
@@ -256,7 +257,9 @@ def test_original_pth_checkpoint_loads(tmp_path):
 
     model = NewsLxmertForPreTraining.from_pretrained(path, visual_feat_dim=24)
     assert model.use_faces
-    assert model.config.l_layers == 2 and model.config.x_layers == 2 and model.config.r_layers == 1
+    assert model.config.l_layers == 2
+    assert model.config.x_layers == 2
+    assert model.config.r_layers == 1
     torch.testing.assert_close(model.face_encoder.fc.weight, state["lxmert.encoder.visn_fc.visn_faces_fc.weight"])
     torch.testing.assert_close(model.face_encoder.layer_norm.bias, state["lxmert.encoder.visn_fc.visn_faces_layer_norm.bias"])
     torch.testing.assert_close(model.face_head.transform.LayerNorm.weight, state["faces_predict_head.transform.LayerNorm.weight"])

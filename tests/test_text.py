@@ -79,8 +79,10 @@ def test_tokens_inside_entities_are_marked(tokenizer):
     tokens = tokenizer.convert_ids_to_tokens(tokenized.input_ids.tolist())
     marked = [token for token, inside in zip(tokens, tokenized.entity_mask) if inside]
     assert "".join(marked).replace("#", "") == "aldabrennervessingen"
-    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
-    assert tokenized.special_mask[0] and tokenized.special_mask[-1]
+    assert tokens[0] == "[CLS]"
+    assert tokens[-1] == "[SEP]"
+    assert tokenized.special_mask[0]
+    assert tokenized.special_mask[-1]
     assert not tokenized.entity_mask[tokenized.special_mask].any()
 
 

@@ -95,12 +95,14 @@ def test_training_writes_checkpoints_best_and_history(demo, tiny_folder, tokeniz
 
     assert [record["epoch"] for record in result.history] == [1, 2]
     assert {"masked_lm", "matched", "feat", "obj", "attr", "faces_feat"} <= set(result.history[0]["train_losses"])
-    assert all(record["valid_loss"] is not None and record["samples_per_second"] > 0 for record in result.history)
+    assert all(record["valid_loss"] is not None for record in result.history)
+    assert all(record["samples_per_second"] > 0 for record in result.history)
     assert result.global_step == 6
     assert (tmp_path / "checkpoints" / "epoch_001" / "model.safetensors").is_file()
     assert not (tmp_path / "checkpoints" / "epoch_001" / "trainer_state.pt").exists(), "only the newest checkpoint keeps optimizer state"
     folder, record = read_last_checkpoint(tmp_path)
-    assert folder.name == "epoch_002" and record["global_step"] == 6
+    assert folder.name == "epoch_002"
+    assert record["global_step"] == 6
     best = json.loads((tmp_path / "best" / "best.json").read_text())
     assert best["epoch"] == result.best_epoch
     assert (tmp_path / "best" / "tokenizer.json").is_file()
@@ -108,7 +110,8 @@ def test_training_writes_checkpoints_best_and_history(demo, tiny_folder, tokeniz
     assert reloaded.use_faces
 
     history = json.loads((tmp_path / "history.json").read_text())
-    assert len(history["steps"]) == 6 and len(history["epochs"]) == 2
+    assert len(history["steps"]) == 6
+    assert len(history["epochs"]) == 2
     png = plot_loss_curves(tmp_path / "history.json", tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -182,8 +185,8 @@ def match_probabilities(model, dataset, tokenizer, shift=0):
 def test_short_training_learns_matching(tiny_folder, tokenizer, tmp_path):
     """After a short training, a held-out matched pair scores higher than a shuffled one.
 
-    Only the matching loss is on (nothing masked), which keeps the run to about 220
-    optimizer steps; with all losses the tiny model needs a few times more.
+    Only the matching loss is on (nothing is masked), which keeps the run to about 220
+    optimizer steps. With all losses on, the tiny model needs a few times more.
     """
     demo = DemoData(n_articles=240, seed=5)
     train = demo.dataset("train", tokenizer, PairDatasetConfig(mode=1, max_seq_len=48, masked_lm_ratio=0.0, masked_feats_ratio=0.0))

@@ -68,13 +68,15 @@ def test_train_then_test_end_to_end(data, tmp_path):
         "--entities", "True", "--faces", "False", "--numWorkers", "1", "--progress", "False",
     ]
     result = run_cli("model.train_nytimes", args)
-    assert "samples/s" in result.stderr and "lr" in result.stderr
+    assert "samples/s" in result.stderr
+    assert "lr" in result.stderr
     history = json.loads((output / "history.json").read_text())
     assert [epoch["epoch"] for epoch in history["epochs"]] == [1, 2]
     assert (output / "best" / "model.safetensors").is_file()
     assert (output / "loss_curve.png").is_file()
     run = json.loads((output / "run.json").read_text())
-    assert run["settings"]["mode"] == 4 and run["settings"]["entities"] is True
+    assert run["settings"]["mode"] == 4
+    assert run["settings"]["entities"] is True
     assert set(run["data"]) == {"train_index", "valid_index"}
 
     tested = run_cli("model.train_nytimes", data_args(data, output) + ["--mode", "4", "--test"])
@@ -93,7 +95,8 @@ def test_mediaeval_rejects_caption_modes(data, tmp_path):
 def test_missing_flags_are_named(data, tmp_path):
     result = run_cli("model.train_nytimes", ["--featsDir", str(data["feats"]), "--output", str(tmp_path)], check=False)
     assert result.returncode == 2
-    assert "--trainDsDir" in result.stderr and "--validIndex" in result.stderr
+    assert "--trainDsDir" in result.stderr
+    assert "--validIndex" in result.stderr
 
 
 def final_weights(output: Path) -> dict[str, torch.Tensor]:

@@ -121,15 +121,18 @@ def test_pretrain_then_finetune_assets(demo, tmp_path):
 
     pretrained = metadata_of(result, "nytimes800k__pretrained_model")
     best = Path(pretrained["best_checkpoint"])
-    assert (best / "model.safetensors").is_file() and (best / "tokenizer.json").is_file()
+    assert (best / "model.safetensors").is_file()
+    assert (best / "tokenizer.json").is_file()
     assert pretrained["epochs"] == 2
-    assert pretrained["settings"]["mode"] == 4 and pretrained["settings"]["faces"] is True
+    assert pretrained["settings"]["mode"] == 4
+    assert pretrained["settings"]["faces"] is True
     assert pretrained["loss_curve"].startswith("![loss curve](data:image/png;base64,")
     assert set(pretrained["data_fingerprints"]) >= {"train_index", "valid_index", "region_manifests", "face_manifests"}
     assert "training_code" in pretrained["code_version"]
     assert (tmp_path / "models" / "tiny" / "lxmert" / "config.json").is_file()
     config = json.loads((best / "config.json").read_text())
-    assert config["use_faces"] is True and config["visual_feat_dim"] == 32
+    assert config["use_faces"] is True
+    assert config["visual_feat_dim"] == 32
 
     finetuned = metadata_of(result, "newsimages__finetuned_model")
     assert finetuned["started_from"] == str(best)
