@@ -10,21 +10,30 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 logger = logging.getLogger(__name__)
 
-_CREDENTIALS_IN_TEXT = re.compile(r"(mongodb(?:\+srv)?://)([^@/\s]+)@", re.IGNORECASE)
+# Greedy up to the last "@" of the token, so that an unescaped "@" or "/" in a password is
+# redacted too.
+_CREDENTIALS_IN_TEXT = re.compile(r"(mongodb(?:\+srv)?://)([^\s?#]*)@", re.IGNORECASE)
 
 
 def redact_uri(uri: str) -> str:
-    """Return ``uri`` with its password replaced by ``***`` (the user name is kept)."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
+    """Return ``uri`` with its password replaced by ``***`` (the user name is kept).
+
+    The URI is not parsed with urllib, which raises on some malformed hosts and splits an
+    unescaped "/" in a password off as the path: everything between the first ":" after the
+    scheme and the last "@" before the options counts as the password.
+    """
+    scheme, separator, rest = uri.partition("://")
+    if not separator:
         return uri
-    userinfo, host = parts.netloc.rsplit("@", 1)
+    head, query_separator, query = rest.partition("?")
+    if "@" not in head:
+        return uri
+    userinfo, host = head.rsplit("@", 1)
     user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return f"{scheme}://{user}:***@{host}{query_separator}{query}"
 
 
 def redact_text(text: str) -> str:

@@ -105,7 +105,10 @@ class MongoResource(ConfigurableResource):
         uri = self.configured_uri()
         try:
             if uri:
-                client = MongoClient(uri, serverSelectionTimeoutMS=20000)
+                try:
+                    client = MongoClient(uri, serverSelectionTimeoutMS=20000)
+                except ValueError as error:  # pymongo raises a plain ValueError for some malformed hosts
+                    raise ValueError(f"invalid MongoDB URI {self.describe()}: {redact_text(str(error))}") from None
                 try:
                     yield client[self.database][self.collection]
                 finally:
