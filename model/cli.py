@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from functools import partial
@@ -353,7 +354,8 @@ def run_training(run: TrainingRun) -> TrainResult | dict[str, Any]:
     info = {**run_fingerprint(run), "code_version": code_version(), "pairs": {"train": len(train), "valid": len(valid) if valid else 0}}
     logger.info("training on %d pairs (validation %d), output %s", len(train), len(valid) if valid else 0, run.output)
     result = train_model(model, tokenizer, train, valid, run.output, run.train, resume=run.resume, run_info=info)
-    if result.history:
+    is_main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files
+    if result.history and is_main_process:
         plot_loss_curves(Path(run.output) / "history.json", Path(run.output) / "loss_curve.png", title=f"NewsLXMERT on {run.dataset}")
     return result
 

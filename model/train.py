@@ -129,7 +129,11 @@ class Distributed:
 
 
 def init_distributed() -> Distributed:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    NOTE: a 2-process gloo run on CPU completes, but no test yet compares its weights with a
+    single-process run.
+    """
     import torch.distributed as dist
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -284,6 +288,8 @@ def read_last_checkpoint(output_dir: Path) -> tuple[Path, dict[str, Any]] | None
 
 
 def _autocast(device: torch.device, config: TrainConfig) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.dtype | None]:
+    # NOTE: the CUDA branch (autocast, and GradScaler for fp16) has not run on a GPU in this
+    # project's tests; the tests cover the CPU path only.
     mode = config.mixed_precision
     if device.type != "cuda" or mode == "off":
         return contextlib.nullcontext, None
