@@ -11,17 +11,14 @@ docs/reliability.md for the full list with the test of each case.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bad_inputs import (
     BACKGROUND_COLOUR,
     FIVE_THOUSAND_WORDS,
     INVALID_UTF8_DOCUMENT,
-    MARK_COLOUR,
     MARKER_NAME,
     TEXT_CASES,
     Accepted,
@@ -144,7 +141,10 @@ def test_images_stage_records_bad_files(sandbox):
 
 @pytest.fixture(scope="module")
 def tiny_region_backend(tmp_path_factory):
-    from model.detectors.torchvision_frcnn import TorchvisionBackend, build_tiny_detector
+    from model.detectors.torchvision_frcnn import (
+        TorchvisionBackend,
+        build_tiny_detector,
+    )
 
     return TorchvisionBackend(build_tiny_detector(tmp_path_factory.mktemp("frcnn") / "frcnn"))
 
@@ -169,7 +169,12 @@ def test_region_stage_records_bad_images(sandbox, tiny_region_backend):
 
 
 def test_face_stage_records_bad_images(sandbox, tiny_facenet_file):
-    from model.faces import FaceConfig, FaceExtractor, extract_face_features, load_facenet
+    from model.faces import (
+        FaceConfig,
+        FaceExtractor,
+        extract_face_features,
+        load_facenet,
+    )
 
     source = write_image_cases(sandbox.inputs / "images")
     sandbox.seal()
@@ -283,7 +288,11 @@ def untrained_marian(tmp_path_factory) -> Path:
 
 
 def test_translation_of_text_cases(sandbox, untrained_marian):
-    from model.translate import MarianTranslator, TranslationSettings, translate_articles
+    from model.translate import (
+        MarianTranslator,
+        TranslationSettings,
+        translate_articles,
+    )
 
     articles = sandbox.inputs / "articles"
     items = write_article_files(articles, text_documents())

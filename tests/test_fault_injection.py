@@ -27,9 +27,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -406,7 +406,10 @@ extract_regions(items, TorchvisionBackend(tiny), FeatureStore(out / "store"), js
 @pytest.fixture(scope="module")
 def region_setup(tmp_path_factory):
     """A tiny detector, eight demo images and their uninterrupted extraction."""
-    from model.detectors.torchvision_frcnn import TorchvisionBackend, build_tiny_detector
+    from model.detectors.torchvision_frcnn import (
+        TorchvisionBackend,
+        build_tiny_detector,
+    )
     from model.regions import extract_regions
 
     folder = tmp_path_factory.mktemp("regions")
@@ -525,7 +528,13 @@ runpy.run_module("model.translate", run_name="__main__")
 @pytest.fixture(scope="module")
 def translation_setup(tmp_path_factory):
     """Twelve German article files, an untrained tiny MarianMT and the uninterrupted translation."""
-    from model.translate import MarianTranslator, TinyMarianConfig, TranslationSettings, build_tiny_marian, translate_articles
+    from model.translate import (
+        MarianTranslator,
+        TinyMarianConfig,
+        TranslationSettings,
+        build_tiny_marian,
+        translate_articles,
+    )
 
     folder = tmp_path_factory.mktemp("translation")
     corpus = generate_demo_corpus(n_articles=12, seed=15)

@@ -23,8 +23,7 @@ from urllib.parse import quote_plus
 
 import pytest
 import torch
-
-from bad_inputs import MARKER_NAME, _WritesMarker, _photo, _encode, png_header_only
+from bad_inputs import MARKER_NAME, _encode, _photo, _WritesMarker, png_header_only
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = ("model", "assets", "pipelines", "tests", "bench")
