@@ -77,11 +77,13 @@ def kill_at_random_point(
     delay_s: float,
     log_path: Path,
     timeout_s: float = 300.0,
+    environment: dict[str, str] | None = None,
 ) -> int:
     """Run ``script`` in a new process group, SIGKILL it at a seeded point; return the items finished then.
 
     The kill comes once ``finished()`` reaches a seeded count between 1 and ``total - 2``,
-    after a further seeded delay of up to one rename delay.
+    after a further seeded delay of up to one rename delay. The whole process group is
+    killed, child processes (Dagster's step processes) included.
     """
     rng = random.Random(seed)
     kill_after = rng.randint(1, total - 2)
@@ -92,7 +94,7 @@ def kill_at_random_point(
         process = subprocess.Popen(
             [sys.executable, str(script_path), *args],
             cwd=REPO,
-            env=worker_environment(seed, delay_s),
+            env=environment or worker_environment(seed, delay_s),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -295,6 +297,65 @@ def test_export_killed_at_random_point(export_source, tmp_path, seed):
     assert rerun.written == total - finished
     assert rerun.stale_temporaries_removed == len(temporaries)
     assert tree_bytes(out) == tree_bytes(reference)
+    assert leftovers(out) == []
+
+
+# --------------------------------------------------------------------------- export as a Dagster run
+
+# Dagster's step processes import this script as their main module (multiprocessing
+# spawn), which applies the slowed renames there too; the guard keeps them from
+# starting the command again.
+DAGSTER_WORKER = """
+if __name__ == "__main__":
+    from dagster._cli import main
+    sys.argv = ["dagster", *sys.argv[1:]]
+    main()
+"""
+
+
+def test_export_run_killed_with_embedded_server(tmp_path, isolated_dagster_home):
+    """A Dagster run of the export is killed (run process, step process and the embedded
+    SecantusDB inside it) and materialized again: the server's files recover, the lock is
+    free, and the rerun writes only what was missing.
+    """
+    from dagster import DagsterInstance, materialize
+
+    from assets.nytimes_articles import nytimes800k_articles
+    from model.manifest import read_manifest
+    from pipelines.resources import MongoResource, PipelineSettings
+
+    seed, total = 0, 40
+    data_root = tmp_path / "data"
+    corpus = generate_demo_corpus(n_articles=total, seed=17, n_days=1)
+    with MongoResource(data_root=str(data_root)).open_collection() as collection:
+        insert_demo_documents(collection, corpus.documents)
+    environment = worker_environment(seed, 0.1)
+    environment.update(
+        NEWSLXMERT_DATA_ROOT=str(data_root),
+        NEWSLXMERT_EXECUTOR="multiprocess",
+        DAGSTER_HOME=str(isolated_dagster_home),
+    )
+    environment.pop("NEWSLXMERT_MONGO_URI", None)
+    out = data_root / "nytimes800k" / "articles"
+    args = ["asset", "materialize", "-m", "pipelines.definitions", "--select", "nytimes800k/articles", "--partition", "2024-01-01"]
+
+    def exported() -> int:
+        return len([path for path in visible_files(out, "*.json") if "_manifests" not in path.parts])
+
+    finished = kill_at_random_point(DAGSTER_WORKER, args, exported, total, seed, 0.1, tmp_path / "worker.log", environment=environment)
+    result = materialize(
+        [nytimes800k_articles],
+        partition_key="2024-01-01",
+        resources={"settings": PipelineSettings(data_root=str(data_root)), "nytimes_mongo": MongoResource(data_root=str(data_root))},
+        instance=DagsterInstance.ephemeral(),
+    )
+
+    metadata = {key: value.value for key, value in result.asset_materializations_for_node("nytimes800k__articles")[0].metadata.items()}
+    assert result.success
+    assert metadata["unchanged"] == finished
+    assert metadata["written"] == total - finished
+    assert len(read_manifest(data_root / "nytimes800k", "articles", "2024-01-01")["articles"]) == total
+    assert exported() == total
     assert leftovers(out) == []
 
 
