@@ -1,8 +1,8 @@
 """SIGKILL at random points, then a rerun: nothing is lost, nothing is left half-written, nothing redone.
 
 For each stage a worker process runs the stage's real code (its command line where it has
-one) on a small input, and is killed with SIGKILL once a seeded random number of items is
-finished, after a further seeded random delay. Every rename of the worker is slowed down
+one) on a small input. The worker is killed with SIGKILL once a seeded random number of
+items is finished, after a further seeded random delay. Every rename of the worker is slowed down
 (``SLOW_RENAMES``), so the kill lands inside an atomic write (temporary file complete, not
 yet renamed) about as often as between writes. The stage then runs again, and the test
 checks that:
@@ -227,7 +227,7 @@ def test_cleanup_spares_live_writes(tmp_path, kind):
         assert (folder / "result.jpg").read_bytes() == (tmp_path / "source.jpg").read_bytes()
 
 
-def test_write_retried_when_cleanup_wins_the_race(tmp_path, monkeypatch):
+def test_write_retried_after_early_cleanup(tmp_path, monkeypatch):
     """A cleaner that deletes a temporary file before its writer locks it costs one retry, not the write."""
     import model.storage as storage
 
@@ -303,8 +303,8 @@ def test_export_killed_at_random_point(export_source, tmp_path, seed):
 # --------------------------------------------------------------------------- export as a Dagster run
 
 # Dagster's step processes import this script as their main module (multiprocessing
-# spawn), which applies the slowed renames there too; the guard keeps them from
-# starting the command again.
+# spawn), so the slowed renames apply there too. The guard keeps them from starting the
+# command again.
 DAGSTER_WORKER = """
 if __name__ == "__main__":
     from dagster._cli import main

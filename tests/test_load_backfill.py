@@ -65,7 +65,7 @@ def run_ranges(days: list[str], per_run: int) -> list[tuple[str, str]]:
     return [(days[start], days[min(start + per_run, len(days)) - 1]) for start in range(0, len(days), per_run)]
 
 
-def test_fifty_day_backfill_accounts_for_every_item(tmp_path, monkeypatch):
+def test_fifty_day_backfill_accounts_items(tmp_path, monkeypatch):
     from model.demo_corpus import (
         generate_demo_corpus,
         insert_demo_documents,

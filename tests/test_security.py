@@ -37,7 +37,7 @@ ESCAPED_PASSWORD = "p@ss/w:rd Zq9"  # needs percent-escaping in a URI
 
 @pytest.fixture
 def secured_mongo(tmp_path):
-    """A SecantusDB server that needs no login but knows user alice, with one day of demo articles."""
+    """A SecantusDB server that needs no login but has users alice and bob, with one day of demo articles."""
     from pymongo import MongoClient
 
     from model.demo_corpus import generate_demo_corpus, insert_demo_documents
