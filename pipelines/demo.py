@@ -80,6 +80,9 @@ def demo_run_config(data_root: Path) -> dict[str, dict]:
         "nytimes800k/images": local_images,
         "newsimages/images": local_images,
         "newsimages/raw_articles": {"source_dir": str(demo / "newsimages")},
+        # Mode 4 ("caption snippet headline."): in the demo, as in NYTimes800k, an article's
+        # snippet describes only its first photo, so the other photos need their caption.
+        "nytimes800k/pretrained_model": {"mode": 4},
     }
 
 
