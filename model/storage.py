@@ -97,8 +97,8 @@ def remove_stale_temporaries(folder: Path | str) -> int:
         with handle:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer holds it
+            except OSError:  # BlockingIOError: a live writer holds it; others: locks unsupported here
+                continue
             try:
                 tmp.unlink()
             except FileNotFoundError:
