@@ -58,13 +58,13 @@ class ImageCase:
 # --------------------------------------------------------------------------- images
 
 
-def _encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
+def encode_image(image: Image.Image, fmt: str, **options: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
-def _photo(size: tuple[int, int] = (64, 48)) -> Image.Image:
+def gradient_photo(size: tuple[int, int] = (64, 48)) -> Image.Image:
     """A small RGB picture with a gradient, so that every decoder has real data to read."""
     width, height = size
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
@@ -119,13 +119,13 @@ def oriented_jpeg(orientation: int) -> bytes:
         stored = stored.transpose(_INVERSE.get(operation, operation))
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return _encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    return encode_image(stored, "JPEG", quality=95, exif=exif.tobytes())
 
 
 def image_cases() -> list[ImageCase]:
     """Every image case with its expected outcome from ``model.image_io.load_image``."""
-    photo = _photo()
-    jpeg = _encode(photo, "JPEG", quality=90)
+    photo = gradient_photo()
+    jpeg = encode_image(photo, "JPEG", quality=90)
     cases = [
         ImageCase("zero_byte", b"", Rejected("empty file (0 bytes)")),
         ImageCase("truncated_jpeg", jpeg[: len(jpeg) // 2], Rejected("truncated image data")),
@@ -146,17 +146,17 @@ def image_cases() -> list[ImageCase]:
         ImageCase("decompression_bomb_huge", png_header_only(30_000, 30_000), Rejected("decompression bomb")),
         # 10000 x 10000 = 1e8 pixels: under Pillow's hard limit, over the pipeline's max_pixels.
         ImageCase("decompression_bomb_over_max_pixels", png_header_only(10_000, 10_000), Rejected("exceeds max_pixels")),
-        ImageCase("one_by_one", _encode(Image.new("RGB", (1, 1), (10, 200, 10)), "PNG"), Accepted((1, 1), top_left=(10, 200, 10))),
-        ImageCase("mode_L", _encode(photo.convert("L"), "PNG"), Accepted((64, 48), "greyscale")),
-        ImageCase("mode_LA", _encode(_with_alpha(photo.convert("L"), "LA"), "PNG"), Accepted((64, 48), "alpha on white")),
-        ImageCase("mode_P", _encode(photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG"), Accepted((64, 48), "palette")),
+        ImageCase("one_by_one", encode_image(Image.new("RGB", (1, 1), (10, 200, 10)), "PNG"), Accepted((1, 1), top_left=(10, 200, 10))),
+        ImageCase("mode_L", encode_image(photo.convert("L"), "PNG"), Accepted((64, 48), "greyscale")),
+        ImageCase("mode_LA", encode_image(_with_alpha(photo.convert("L"), "LA"), "PNG"), Accepted((64, 48), "alpha on white")),
+        ImageCase("mode_P", encode_image(photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG"), Accepted((64, 48), "palette")),
         ImageCase("mode_P_transparent", _palette_with_transparency(), Accepted((8, 8), "transparent palette entry on white", top_left=(255, 255, 255))),
-        ImageCase("mode_RGBA", _encode(_with_alpha(photo, "RGBA"), "PNG"), Accepted((64, 48), "alpha on white")),
-        ImageCase("mode_RGBA_fully_transparent", _encode(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), "PNG"), Accepted((8, 8), top_left=(255, 255, 255))),
-        ImageCase("mode_CMYK", _encode(photo.convert("CMYK"), "JPEG", quality=90), Accepted((64, 48), "CMYK without ICC profile")),
-        ImageCase("mode_I16", _encode(_sixteen_bit(), "PNG"), Accepted((32, 16), "16-bit grey scaled to 8 bits", top_left=(255, 255, 255))),
+        ImageCase("mode_RGBA", encode_image(_with_alpha(photo, "RGBA"), "PNG"), Accepted((64, 48), "alpha on white")),
+        ImageCase("mode_RGBA_fully_transparent", encode_image(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), "PNG"), Accepted((8, 8), top_left=(255, 255, 255))),
+        ImageCase("mode_CMYK", encode_image(photo.convert("CMYK"), "JPEG", quality=90), Accepted((64, 48), "CMYK without ICC profile")),
+        ImageCase("mode_I16", encode_image(_sixteen_bit(), "PNG"), Accepted((32, 16), "16-bit grey scaled to 8 bits", top_left=(255, 255, 255))),
         ImageCase("gif_animated", _animated_gif(), Accepted((16, 16), "first frame", top_left=(255, 0, 0))),
-        ImageCase("png_named_jpg", _encode(photo, "PNG"), Accepted((64, 48), "PNG bytes under a .jpg name")),
+        ImageCase("png_named_jpg", encode_image(photo, "PNG"), Accepted((64, 48), "PNG bytes under a .jpg name")),
     ]
     for orientation in range(1, 9):
         cases.append(
@@ -166,7 +166,7 @@ def image_cases() -> list[ImageCase]:
 
 
 def _corrupt_png_crc() -> bytes:
-    data = bytearray(_encode(_photo(), "PNG"))
+    data = bytearray(encode_image(gradient_photo(), "PNG"))
     data[29] ^= 0xFF  # a byte of the IHDR chunk's CRC
     return bytes(data)
 
@@ -182,7 +182,7 @@ def _palette_with_transparency() -> bytes:
     image = Image.new("P", (8, 8), 0)
     image.putpalette([0, 0, 0] + [200, 40, 40] * 255)
     image.paste(1, (4, 0, 8, 8))
-    return _encode(image, "PNG", transparency=0)
+    return encode_image(image, "PNG", transparency=0)
 
 
 def _sixteen_bit() -> Image.Image:
@@ -193,7 +193,7 @@ def _sixteen_bit() -> Image.Image:
 
 def _animated_gif() -> bytes:
     frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return encode_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
 
 
 def write_image_cases(folder: Path) -> dict[str, Path]:
@@ -382,7 +382,7 @@ def face_feature_cases() -> dict[str, tuple[dict[str, Any] | bytes, str | None]]
 MARKER_NAME = "pickle_ran_code.txt"
 
 
-class _WritesMarker:
+class WritesMarker:
     """Unpickling an instance calls ``Path.write_text``: proof that code ran."""
 
     def __init__(self, marker: Path):
@@ -394,7 +394,7 @@ class _WritesMarker:
 
 def foreign_index_pickle(marker: Path) -> bytes:
     """An index pickle that the pipeline did not write and that runs code when unpickled."""
-    return pickle.dumps({0: ("aid-1", 0), 1: _WritesMarker(marker)}, protocol=4)
+    return pickle.dumps({0: ("aid-1", 0), 1: WritesMarker(marker)}, protocol=4)
 
 
 def plain_foreign_index_pickle() -> bytes:

@@ -23,7 +23,13 @@ from urllib.parse import quote_plus
 
 import pytest
 import torch
-from bad_inputs import MARKER_NAME, _encode, _photo, _WritesMarker, png_header_only
+from bad_inputs import (
+    MARKER_NAME,
+    WritesMarker,
+    encode_image,
+    gradient_photo,
+    png_header_only,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = ("model", "assets", "pipelines", "tests", "bench")
@@ -303,7 +309,7 @@ def test_original_checkpoint_with_code_is_rejected(tmp_path):
 
     marker = tmp_path / MARKER_NAME
     path = tmp_path / "newslxmert.pth"
-    torch.save({"lxrt_encoder.model.bert.embeddings.word_embeddings.weight": torch.zeros(2, 2), "payload": _WritesMarker(marker)}, path)
+    torch.save({"lxrt_encoder.model.bert.embeddings.word_embeddings.weight": torch.zeros(2, 2), "payload": WritesMarker(marker)}, path)
 
     with pytest.raises(ValueError, match="cannot read .*newslxmert.pth as a PyTorch state dict"):
         read_original_state_dict(path)
@@ -326,7 +332,7 @@ class HostileServer:
         self.sent: dict[str, int] = {}
         gzip_bomb = gzip.compress(b"\x00" * (20 * MAX_BYTES), compresslevel=9)
         bomb_png = png_header_only(30_000, 30_000)
-        small_jpeg = _encode(_photo(), "JPEG")
+        small_jpeg = encode_image(gradient_photo(), "JPEG")
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -413,7 +419,7 @@ class HostileServer:
 @pytest.fixture
 def hostile_server(tmp_path):
     secret = tmp_path / "secret.jpg"
-    secret.write_bytes(_encode(_photo(), "JPEG"))
+    secret.write_bytes(encode_image(gradient_photo(), "JPEG"))
     server = HostileServer(secret)
     yield server
     server.close()
