@@ -95,9 +95,6 @@ def test_gpu_steps_never_overlap(tmp_path, monkeypatch):
     assert second_start >= first_end, f"gpu steps overlapped: {intervals}"
 
 
-# TODO: remove the xfail once the stage owners set op_tags=GPU_OP_TAGS on their GPU-bound
-# assets; until then the GPU limit does not apply to them.
-@pytest.mark.xfail(reason="GPU-bound assets do not carry the gpu concurrency tag yet", strict=False)
 def test_gpu_bound_assets_carry_the_gpu_tag():
     from pipelines.definitions import all_assets
 
