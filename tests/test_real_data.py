@@ -64,9 +64,32 @@ def tiny_environment(tmp_path, monkeypatch):
     return data_root
 
 
+def _tiny_definitions(data_root: Path):
+    """The code location's assets with resources bound to ``data_root`` and the tiny profile.
+
+    The module-level definitions read the environment once, when first imported, which may
+    have happened in an earlier test; so the resources are built here instead.
+    """
+    from dagster import Definitions
+
+    from pipelines.definitions import defs as location
+    from pipelines.resources import MongoResource, PipelineSettings
+
+    return Definitions(
+        assets=location.assets,
+        asset_checks=location.asset_checks,
+        resources={
+            "settings": PipelineSettings(data_root=str(data_root), profile="tiny", device="cpu"),
+            "nytimes_mongo": MongoResource(data_root=str(data_root), database="nytimes", collection="articles"),
+            "newsimages_mongo": MongoResource(data_root=str(data_root), database="newsimages", collection="articles"),
+        },
+    )
+
+
 def _run_batch(data_root: Path, source: Path, images_dir: Path | None) -> dict:
     from model.newsimages import discover_batches
-    from pipelines.definitions import defs
+
+    defs = _tiny_definitions(data_root)
 
     instance = DagsterInstance.get()
     keys = discover_batches(source)
