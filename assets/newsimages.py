@@ -24,7 +24,7 @@ from pydantic import Field
 
 from assets.partitions import BACKFILL_POLICY, newsimages_batch_partitions
 from model.documents import iter_articles
-from model.export import DEFAULT_SPLIT_ALIASES, export_documents, merge_reports
+from model.export import DEFAULT_SPLIT_ALIASES
 from model.manifest import read_manifest, write_manifest
 from model.newsimages import DEFAULT_LANGUAGES, SplitPolicy, discover_batches, load_batch
 from model.translate import (
@@ -39,6 +39,7 @@ from model.translate import (
 )
 from pipelines.resources import MongoResource, PipelineSettings
 from pipelines.executors import GPU_OP_TAGS
+from assets.article_export import export_partitions
 
 SOURCE_ENV = "NEWSLXMERT_NEWSIMAGES_SOURCE"
 DATASET = "newsimages"
@@ -184,43 +185,15 @@ def newsimages_articles(
     settings: PipelineSettings,
     newsimages_mongo: MongoResource,
 ):
-    dataset_root = settings.dataset_root(DATASET)
-    out_root = dataset_root / "articles"
-    reports = []
-    with newsimages_mongo.open_collection() as collection:
-        for partition in context.partition_keys:
-            context.log.info("exporting %s (batch %s) to %s", newsimages_mongo.describe(), partition, out_root)
-            report = export_documents(
-                collection,
-                out_root,
-                query={"batch": partition},
-                fields=None,
-                split_aliases=DEFAULT_SPLIT_ALIASES,
-                page_size=config.page_size,
-            )
-            write_manifest(dataset_root, "articles", partition, {"articles": [list(item) for item in sorted(report.items)]})
-            for failure in report.failures:
-                context.log.warning("document %s not exported: %s", failure.aid, failure.reason)
-            reports.append(report)
-    report = merge_reports(reports)
-
-    summary = report.summary()
-    return MaterializeResult(
-        metadata={
-            "exported": summary["exported"],
-            "per_split": MetadataValue.json(summary["per_split"]),
-            "written": summary["written"],
-            "unchanged": summary["unchanged"],
-            "skipped_no_images": summary["skipped_no_images"],
-            "skipped_examples": MetadataValue.json(summary["skipped_examples"]),
-            "failed": summary["failed"],
-            "failed_examples": MetadataValue.json(summary["failed_examples"]),
-            "seconds": summary["seconds"],
-            "documents_per_second": summary["documents_per_second"],
-            "path": MetadataValue.path(str(out_root)),
-            "partitions": len(reports),
-            "source": newsimages_mongo.describe(),
-        }
+    return export_partitions(
+        context,
+        newsimages_mongo,
+        settings.dataset_root(DATASET),
+        context.partition_keys,
+        partition_query=lambda partition: {"batch": partition},
+        fields=None,
+        split_aliases=DEFAULT_SPLIT_ALIASES,
+        page_size=config.page_size,
     )
 
 

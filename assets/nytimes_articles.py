@@ -6,12 +6,12 @@
 
 import datetime as dt
 
-from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, Config, asset
 from pydantic import Field
 
 from assets.partitions import BACKFILL_POLICY, nytimes_daily_partitions
-from model.export import DEFAULT_SPLIT_ALIASES, NYTIMES_EXPORT_FIELDS, export_documents, merge_reports
-from model.manifest import write_manifest
+from assets.article_export import export_partitions
+from model.export import DEFAULT_SPLIT_ALIASES, NYTIMES_EXPORT_FIELDS
 from pipelines.resources import MongoResource, PipelineSettings
 
 
@@ -47,42 +47,14 @@ def nytimes800k_articles(
     settings: PipelineSettings,
     nytimes_mongo: MongoResource,
 ):
-    out_root = settings.dataset_root("nytimes800k") / "articles"
     partitions = context.partition_keys if context.has_partition_key_range or context.has_partition_key else [None]
-    reports = []
-    with nytimes_mongo.open_collection() as collection:
-        for partition in partitions:
-            context.log.info("exporting %s (partition %s) to %s", nytimes_mongo.describe(), partition or "all", out_root)
-            report = export_documents(
-                collection,
-                out_root,
-                query=publication_day_query(partition) if partition else {},
-                fields=NYTIMES_EXPORT_FIELDS,
-                split_aliases=config.split_aliases,
-                page_size=config.page_size,
-            )
-            manifest = {"articles": [list(item) for item in sorted(report.items)]}
-            write_manifest(settings.dataset_root("nytimes800k"), "articles", partition, manifest)
-            for failure in report.failures:
-                context.log.warning("document %s not exported: %s", failure.aid, failure.reason)
-            reports.append(report)
-    report = merge_reports(reports)
-
-    summary = report.summary()
-    return MaterializeResult(
-        metadata={
-            "exported": summary["exported"],
-            "per_split": MetadataValue.json(summary["per_split"]),
-            "written": summary["written"],
-            "unchanged": summary["unchanged"],
-            "skipped_no_images": summary["skipped_no_images"],
-            "skipped_examples": MetadataValue.json(summary["skipped_examples"]),
-            "failed": summary["failed"],
-            "failed_examples": MetadataValue.json(summary["failed_examples"]),
-            "seconds": summary["seconds"],
-            "documents_per_second": summary["documents_per_second"],
-            "path": MetadataValue.path(str(out_root)),
-            "partitions": len(partitions),
-            "source": nytimes_mongo.describe(),
-        }
+    return export_partitions(
+        context,
+        nytimes_mongo,
+        settings.dataset_root("nytimes800k"),
+        partitions,
+        partition_query=lambda partition: publication_day_query(partition) if partition else {},
+        fields=NYTIMES_EXPORT_FIELDS,
+        split_aliases=config.split_aliases,
+        page_size=config.page_size,
     )
