@@ -120,7 +120,7 @@ def iter_documents_by_id_range(
 ) -> Iterator[list[dict[str, Any]]]:
     """Yield pages of documents sorted by ``_id``, each page fetched by a fresh short query.
 
-    Each page asks for ``_id`` greater than the last one seen, so no cursor stays open
+    Each page requests ``_id`` greater than the last one seen, so no cursor stays open
     between pages (MongoDB closes cursors idle for 10 minutes) and memory holds one page.
     """
     if page_size < 1:

@@ -19,14 +19,14 @@ MONGO_URI_ENV = "NEWSLXMERT_MONGO_URI"
 
 
 def default_data_root() -> str:
-    """The data root from ``NEWSLXMERT_DATA_ROOT``, else ``./data`` made absolute."""
+    """Return ``NEWSLXMERT_DATA_ROOT``, else ``./data``, as an absolute path."""
     return os.path.abspath(os.environ.get(DATA_ROOT_ENV, "data"))
 
 
 class PipelineSettings(ConfigurableResource):
     """Settings every stage reads: where data lands, which model profile, which device."""
 
-    data_root: str = Field(default_factory=default_data_root, description="folder that holds every output")
+    data_root: str = Field(default_factory=default_data_root, description="folder that contains every output")
     profile: str = Field(
         default_factory=lambda: os.environ.get("NEWSLXMERT_PROFILE", "base"),
         description="'base' loads real weights by name or folder; 'tiny' uses the small locally built models",
@@ -86,7 +86,7 @@ class MongoResource(ConfigurableResource):
         return os.environ.get(self.uri_env_var) or None
 
     def describe(self) -> str:
-        """Where the collection lives, safe to log: the URI has its password redacted."""
+        """Describe where the collection lives, safe to log because the password is redacted."""
         uri = self.configured_uri()
         where = redact_uri(uri) if uri else f"embedded SecantusDB in {Path(self.data_root) / 'mongo'}"
         return f"{where} {self.database}.{self.collection}"
