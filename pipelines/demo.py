@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--articles", type=int, default=240, help="demo articles to generate (default 240)")
     parser.add_argument("--days", type=int, default=6, help="publication days to spread them over (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"epochs of pre-training and of fine-tuning (default {DEMO_EPOCHS})")
     return parser.parse_args(argv)
 
 
@@ -75,7 +76,7 @@ def group_assets(defs):
     return daily, batches, unpartitioned
 
 
-def demo_run_config(data_root: Path) -> dict[str, dict]:
+def demo_run_config(data_root: Path, epochs: int = DEMO_EPOCHS) -> dict[str, dict]:
     """Config of the assets that read demo source files, by asset key."""
     demo = data_root / "demo"
     local_images = {"source_dir": str(demo / "images"), "download": False}
@@ -85,8 +86,8 @@ def demo_run_config(data_root: Path) -> dict[str, dict]:
         "newsimages/raw_articles": {"source_dir": str(demo / "newsimages")},
         # Mode 4 ("caption snippet headline."): in the demo, as in NYTimes800k, an article's
         # snippet describes only its first photo, so the other photos need their caption.
-        "nytimes800k/pretrained_model": {"mode": 4, "epochs": DEMO_EPOCHS},
-        "newsimages/finetuned_model": {"epochs": DEMO_EPOCHS},
+        "nytimes800k/pretrained_model": {"mode": 4, "epochs": epochs},
+        "newsimages/finetuned_model": {"epochs": epochs},
     }
 
 
@@ -117,6 +118,60 @@ def run_assets(defs, instance, selection, tags, label: str, asset_config: dict[s
     return reported
 
 
+def graph_definitions(data_root: Path):
+    """The code location's assets and checks, with resources bound to ``data_root``.
+
+    ``pipelines.definitions`` builds its resources from the environment when it is first
+    imported. Binding them here makes a run write under ``data_root`` even when that
+    module was imported earlier with another data root, as happens in a test session.
+    """
+    from dagster import Definitions
+
+    from pipelines.definitions import defs as location
+    from pipelines.resources import MongoResource, PipelineSettings
+
+    return Definitions(
+        assets=location.assets,
+        asset_checks=location.asset_checks,
+        resources={
+            "settings": PipelineSettings(data_root=str(data_root)),
+            "nytimes_mongo": MongoResource(data_root=str(data_root), database="nytimes", collection="articles"),
+            "newsimages_mongo": MongoResource(data_root=str(data_root), database="newsimages", collection="articles"),
+        },
+    )
+
+
+def run_graph(defs, instance, days: list[str], batch_keys: list[str], asset_config: dict[str, dict]) -> dict[str, dict]:
+    """Materialize the whole graph in three runs; return every asset's metadata by key.
+
+    The runs are: the NYTimes800k days ``days``, the NewsImages batches ``batch_keys``
+    (added to the instance's dynamic partitions), then the unpartitioned split- and
+    model-level assets. Dagster cannot put differently partitioned assets in one run.
+    """
+    daily, batches, unpartitioned = group_assets(defs)
+    reported = {}
+    if days:
+        reported.update(run_assets(
+            defs, instance, daily, {RANGE_START_TAG: days[0], RANGE_END_TAG: days[-1]},
+            f"NYTimes800k partitions {days[0]}..{days[-1]}", asset_config,
+        ))
+    if batches and batch_keys:
+        instance.add_dynamic_partitions("newsimages_batches", batch_keys)
+        reported.update(run_assets(
+            defs, instance, batches, {RANGE_START_TAG: batch_keys[0], RANGE_END_TAG: batch_keys[-1]},
+            f"NewsImages batches {batch_keys[0]}..{batch_keys[-1]}", asset_config,
+        ))
+    reported.update(run_assets(defs, instance, unpartitioned, {}, "split- and model-level assets", asset_config))
+    return reported
+
+
+def print_metrics(reported: dict[str, dict]) -> None:
+    """Print the metrics table of every evaluation asset in ``reported``."""
+    for key in sorted(reported):
+        if key.endswith("evaluation") and "metrics" in reported[key]:
+            print(f"\n{key}\n{reported[key]['metrics']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -131,30 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     days = prepare_corpus(data_root, args.articles, args.days, args.seed)
 
-    from pipelines.definitions import defs
+    from model.newsimages import discover_batches
 
     instance = DagsterInstance.get()
-    daily, batches, unpartitioned = group_assets(defs)
-    asset_config = demo_run_config(data_root)
-    run_assets(
-        defs, instance, daily, {RANGE_START_TAG: days[0], RANGE_END_TAG: days[-1]},
-        f"NYTimes800k partitions {days[0]}..{days[-1]}", asset_config,
-    )
-
-    if batches:
-        from model.newsimages import discover_batches
-
-        batch_keys = discover_batches(data_root / "demo" / "newsimages")
-        instance.add_dynamic_partitions("newsimages_batches", batch_keys)
-        run_assets(
-            defs, instance, batches, {RANGE_START_TAG: batch_keys[0], RANGE_END_TAG: batch_keys[-1]},
-            f"NewsImages batches {batch_keys[0]}..{batch_keys[-1]}", asset_config,
-        )
-
-    reported = run_assets(defs, instance, unpartitioned, {}, "split- and model-level assets", asset_config)
-    for key in sorted(reported):
-        if key.endswith("evaluation") and "metrics_markdown" in reported[key]:
-            print(f"\n{key}\n{reported[key]['metrics_markdown']}")
+    batch_keys = discover_batches(data_root / "demo" / "newsimages")
+    reported = run_graph(graph_definitions(data_root), instance, days, batch_keys, demo_run_config(data_root, args.epochs))
+    print_metrics(reported)
 
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s; outputs under {data_root}")
     return 0
