@@ -26,7 +26,8 @@ an uninterrupted one.
 
 DDP: started by ``torchrun`` (WORLD_SIZE > 1), each process takes every world_size-th
 sample of each optimizer batch and gradients are averaged across processes; only rank 0
-writes files and logs progress.
+writes files and logs progress. A process that a small batch leaves without samples runs
+one sample with weight 0, so that it still joins the gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ class Distributed:
 def init_distributed() -> Distributed:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
-    NOTE: a 2-process gloo run on CPU completes, but no test yet compares its weights with a
-    single-process run.
+    NOTE: tests/test_ddp.py compares 2 gloo processes on CPU with 1 process. The NCCL backend
+    on GPUs has not run in this project's tests.
     """
     import torch.distributed as dist
 
@@ -483,6 +484,11 @@ def train_model(
         train_dataset.set_epoch(epoch)
         epoch_batches = optimizer_batches(len(train_dataset), config.batch_size, config.seed, epoch)
         plan = [micro_batches(batch, config.micro_batch_size, distributed) for batch in epoch_batches]
+        # A batch smaller than world_size (often the last one) leaves some processes no sample.
+        # Every process must join the gradient all-reduce, so such a process runs the batch's
+        # first sample with weight 0. Its loss and sample count are not recorded.
+        stand_in_steps = {step for step, micro in enumerate(plan) if not micro}
+        plan = [micro or [batch[:1]] for micro, batch in zip(plan, epoch_batches)]
         first_step = state["step_in_epoch"]
         loader = _make_loader(train_dataset, _MicroBatchSampler(plan, first_step), config, pad_token_id, device, config.seed + epoch)
         batches = iter(loader)
@@ -498,17 +504,20 @@ def train_model(
             # makes the accumulated gradient that of the whole batch. DDP averages over the
             # processes, hence the factor world_size.
             full_batch = len(epoch_batches[step])
+            stand_in = step in stand_in_steps
             step_loss = 0.0
             step_losses: dict[str, float] = {}
             for position, micro in enumerate(plan[step]):
                 batch = next(batches)
-                weight = len(micro) / full_batch * distributed.world_size
+                weight = 0.0 if stand_in else len(micro) / full_batch * distributed.world_size
                 sync = position == len(plan[step]) - 1 or not distributed.enabled
                 context = contextlib.nullcontext() if sync else train_module.no_sync()
                 with context:
                     with autocast():
                         output = train_module(**model_inputs(batch, device))
                     scaler.scale(output.loss * weight).backward()
+                if stand_in:
+                    continue
                 step_loss += float(output.loss.detach()) * len(micro)
                 for name, value in output.losses.items():
                     step_losses[name] = step_losses.get(name, 0.0) + float(value) * len(micro)
@@ -519,7 +528,7 @@ def train_model(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            samples = sum(len(micro) for micro in plan[step])
+            samples = 0 if stand_in else sum(len(micro) for micro in plan[step])
             state["global_step"] += 1
             state["step_in_epoch"] = step + 1
             state["epoch_samples"] += samples
@@ -528,19 +537,22 @@ def train_model(
             for name, value in step_losses.items():
                 sums[name] = sums.get(name, 0.0) + value
             lr = scheduler.get_last_lr()[0]
-            state["step_log"].append({"step": state["global_step"], "epoch": epoch + 1, "loss": step_loss / max(samples, 1), "lr": lr})
-            log_window["loss"] += step_loss
-            log_window["samples"] += samples
+            # The per-step loss in history.json and in the log covers the samples of all processes.
+            batch_sums = _all_reduce_sums({"loss": step_loss, "samples": float(samples)}, distributed, device)
+            batch_loss = batch_sums["loss"] / max(batch_sums["samples"], 1.0)
+            state["step_log"].append({"step": state["global_step"], "epoch": epoch + 1, "loss": batch_loss, "lr": lr})
+            log_window["loss"] += batch_sums["loss"]
+            log_window["samples"] += batch_sums["samples"]
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss / max(samples, 1):.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(loss=f"{batch_loss:.4f}", lr=f"{lr:.2e}")
             if distributed.is_main and (state["global_step"] % config.log_every_steps == 0 or step + 1 == steps_per_epoch):
                 elapsed = time.perf_counter() - log_window["started"]
                 logger.info(
                     "epoch %d/%d step %d/%d: loss %.4f, %.1f samples/s, lr %.3e",
                     epoch + 1, config.epochs, step + 1, steps_per_epoch,
                     log_window["loss"] / max(log_window["samples"], 1),
-                    log_window["samples"] * distributed.world_size / max(elapsed, 1e-9), lr,
+                    log_window["samples"] / max(elapsed, 1e-9), lr,
                 )
                 log_window = {"loss": 0.0, "samples": 0, "started": time.perf_counter()}
             if config.checkpoint_every_steps and state["global_step"] % config.checkpoint_every_steps == 0 and step + 1 < steps_per_epoch:
