@@ -411,6 +411,12 @@ def train_model(
     resumed_from = None
     if distributed.is_main:
         recover_interrupted_writes(output_dir)
+    if distributed.enabled:
+        # The other ranks read last.json and the folder it names only after rank 0 has
+        # moved back a checkpoint that a killed run left aside.
+        import torch.distributed as dist
+
+        dist.barrier()
     if resume:
         found = read_last_checkpoint(output_dir)
         if found is None:
