@@ -8,7 +8,9 @@ from typing import Callable, Optional, Sequence
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from model.export import export_documents, merge_reports
+from model.fingerprint import article_files_fingerprint
 from model.manifest import write_manifest
 from pipelines.resources import MongoResource
 
@@ -23,7 +25,10 @@ def export_partitions(
     split_aliases: dict[str, str],
     page_size: int,
 ) -> MaterializeResult:
-    """Export each partition's documents to ``<dataset_root>/articles``, write its manifest, return the metadata."""
+    """Export each partition's documents to ``<dataset_root>/articles``, write its manifest, return the result.
+
+    The data version is the fingerprint of the partitions' manifests and article files.
+    """
     out_root = dataset_root / "articles"
     reports = []
     with mongo.open_collection() as collection:
@@ -43,7 +48,9 @@ def export_partitions(
             reports.append(report)
 
     summary = merge_reports(reports).summary()
+    fingerprints = {partition: article_files_fingerprint(dataset_root, "articles", partition) for partition in partitions}
     return MaterializeResult(
+        data_version=run_data_version(fingerprints),
         metadata={
             "exported": summary["exported"],
             "per_split": MetadataValue.json(summary["per_split"]),
@@ -58,5 +65,6 @@ def export_partitions(
             "path": MetadataValue.path(str(out_root)),
             "partitions": len(partitions),
             "source": mongo.describe(),
-        }
+            **fingerprint_metadata(fingerprints),
+        },
     )

@@ -9,9 +9,11 @@ from typing import Optional
 from dagster import AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from assets.partitions import BACKFILL_POLICY, newsimages_batch_partitions, nytimes_daily_partitions
 from model.documents import TEXT_STAGE
 from model.entities import EntityAnnotator, EntityReport, default_spacy_model, extract_entities
+from model.fingerprint import entity_files_fingerprint
 from model.manifest import read_manifest, write_manifest
 from pipelines.resources import PipelineSettings
 
@@ -88,7 +90,9 @@ def materialize_entities(
         reports.append(report)
 
     summary = _merge(reports)
+    fingerprints = {partition: entity_files_fingerprint(dataset_root, partition, STAGE) for partition in partitions}
     return MaterializeResult(
+        data_version=run_data_version(fingerprints),
         metadata={
             "articles": summary["articles"],
             "written": summary["written"],
@@ -106,7 +110,8 @@ def materialize_entities(
             "seconds": summary["seconds"],
             "path": MetadataValue.path(str(dataset_root / STAGE)),
             "partitions": len(partitions),
-        }
+            **fingerprint_metadata(fingerprints),
+        },
     )
 
 

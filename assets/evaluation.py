@@ -13,6 +13,7 @@ from typing import Any, Optional
 from dagster import AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from model.evaluation import (
     DEFAULT_POOL_SIZES,
     DIRECTIONS,
@@ -24,6 +25,7 @@ from model.evaluation import (
     load_split_pool,
     random_baseline,
 )
+from model.fingerprint import evaluation_fingerprint
 from pipelines.resources import PipelineSettings
 from pipelines.executors import GPU_OP_TAGS
 
@@ -213,7 +215,9 @@ def materialize_evaluation(
         metadata[f"{split}_random_mrr@{MRR_CUTOFF}"] = round(random_baseline(result.size)[f"mrr@{MRR_CUTOFF}"], 6)
         metadata[f"{split}_pool_size"] = result.size
         metadata[f"{split}_pairs_per_second"] = round(result.pairs_per_second, 1) if not result.reused_scores else "reused"
-    return MaterializeResult(metadata=metadata)
+    fingerprints = {None: evaluation_fingerprint(output_dir)}
+    metadata.update(fingerprint_metadata(fingerprints))
+    return MaterializeResult(data_version=run_data_version(fingerprints), metadata=metadata)
 
 
 def _progress_logger(context: AssetExecutionContext, every_s: float = 30.0):

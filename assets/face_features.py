@@ -10,9 +10,11 @@ from typing import Any, Optional
 from dagster import AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from assets.partitions import BACKFILL_POLICY, newsimages_batch_partitions, nytimes_daily_partitions
 from model.documents import article_images, iter_articles
-from model.faces import FaceConfig, FaceExtractor, FaceReport, extract_face_features
+from model.faces import STORE_FOLDER, FaceConfig, FaceExtractor, FaceReport, extract_face_features
+from model.fingerprint import feature_stage_fingerprint
 from model.manifest import read_manifest, write_manifest
 from pipelines.resources import PipelineSettings
 from pipelines.executors import GPU_OP_TAGS
@@ -145,7 +147,9 @@ def materialize_face_features(
         "%d images, %d with faces, %d faces, %.2f images/s", summary["images"], summary["images_with_faces"],
         summary["faces"], summary["images_per_second"],
     )
+    fingerprints = {partition: feature_stage_fingerprint(dataset_root, STAGE, partition, face_root / STORE_FOLDER) for partition in partitions}
     return MaterializeResult(
+        data_version=run_data_version(fingerprints),
         metadata={
             "images": summary["images"],
             "images_with_faces": summary["images_with_faces"],
@@ -165,7 +169,8 @@ def materialize_face_features(
             "settings": MetadataValue.json(config.model_dump() | {"profile": settings.profile}),
             "store": MetadataValue.path(str(face_root / "store")),
             "partitions": len(partitions),
-        }
+            **fingerprint_metadata(fingerprints),
+        },
     )
 
 

@@ -10,9 +10,11 @@ from typing import Optional
 from dagster import AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from assets.partitions import BACKFILL_POLICY, newsimages_batch_partitions, nytimes_daily_partitions
 from model.documents import article_images, iter_articles
 from model.download import FetchReport, FetchSettings, ImageTask, fetch_images, write_status_table
+from model.fingerprint import image_files_fingerprint
 from model.image_io import DEFAULT_MAX_PIXELS
 from model.manifest import UNPARTITIONED, read_manifest, write_manifest
 from model.storage import check_safe_id
@@ -115,7 +117,9 @@ def materialize_images(
         "%d images: %d fetched, %d already present, %d failed in %.1fs",
         summary["images"], summary["ok"], summary["skipped"], len(failures), seconds,
     )
+    fingerprints = {partition: image_files_fingerprint(dataset_root, partition) for partition in partitions}
     return MaterializeResult(
+        data_version=run_data_version(fingerprints),
         metadata={
             "images": summary["images"],
             "fetched": summary["ok"],
@@ -132,7 +136,8 @@ def materialize_images(
             "status_table": MetadataValue.path(str(status_paths[-1])) if status_paths else "none",
             "partitions": len(partitions),
             "settings": MetadataValue.json(config.model_dump()),
-        }
+            **fingerprint_metadata(fingerprints),
+        },
     )
 
 

@@ -16,8 +16,10 @@ from dagster import (
 )
 from pydantic import Field
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from model.documents import TEXT_STAGE
-from model.index import DROP_REASONS, build_index
+from model.fingerprint import index_files_fingerprint
+from model.index import DROP_REASONS, build_index, index_folder
 from pipelines.resources import PipelineSettings
 
 STAGE = "index"
@@ -63,7 +65,9 @@ def materialize_index(context: AssetExecutionContext, config: IndexConfig, setti
             "dropped_examples": MetadataValue.json(summary["dropped_examples"]),
         },
     )
+    fingerprints = {None: index_files_fingerprint(index_folder(settings.dataset_root(dataset)), report.per_split)}
     return MaterializeResult(
+        data_version=run_data_version(fingerprints),
         metadata={
             "pairs": summary["pairs"],
             "per_split": MetadataValue.json(summary["per_split"]),
@@ -79,6 +83,7 @@ def materialize_index(context: AssetExecutionContext, config: IndexConfig, setti
             "fingerprints": MetadataValue.json(summary["fingerprints"]),
             "path": MetadataValue.path(str(settings.dataset_root(dataset) / STAGE)),
             "seconds": summary["seconds"],
+            **fingerprint_metadata(fingerprints),
         },
         check_results=[dropped_check],
     )

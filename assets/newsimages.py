@@ -22,9 +22,11 @@ from dagster import (
 )
 from pydantic import Field
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from assets.partitions import BACKFILL_POLICY, newsimages_batch_partitions
 from model.documents import iter_articles
 from model.export import DEFAULT_SPLIT_ALIASES
+from model.fingerprint import article_files_fingerprint, collection_fingerprint
 from model.manifest import read_manifest, write_manifest
 from model.newsimages import DEFAULT_LANGUAGES, SplitPolicy, discover_batches, load_batch
 from model.translate import (
@@ -133,11 +135,14 @@ def newsimages_raw_articles(
             if report.in_other_batch:
                 context.log.warning("%d articles were already loaded from another batch, e.g. %s", len(report.in_other_batch), report.in_other_batch[0])
             reports.append(report.summary())
+        # The batch's documents as stored, split and batch fields included.
+        fingerprints = {partition: collection_fingerprint(collection, {"batch": partition}) for partition in context.partition_keys}
 
     totals = {name: sum(r[name] for r in reports) for name in ("rows", "documents", "inserted", "updated", "unchanged", "failed_rows", "in_other_batch", "unmatched_images")}
     per_split = {split: sum(r["per_split"][split] for r in reports) for split in ("train", "valid", "test")}
     seconds = sum(r["seconds"] for r in reports)
     return MaterializeResult(
+        data_version=run_data_version(fingerprints),
         metadata={
             **totals,
             "per_split": MetadataValue.json(per_split),
@@ -155,7 +160,8 @@ def newsimages_raw_articles(
                 {"test_size": policy.test_size, "valid_size": policy.valid_size, "seed": policy.seed, "max_heldout_fraction": policy.max_heldout_fraction}
             ),
             "partitions": len(reports),
-        }
+            **fingerprint_metadata(fingerprints),
+        },
     )
 
 
@@ -319,7 +325,9 @@ def newsimages_translated_articles(
     )
     totals = {name: sum(summary[name] for summary in summaries) for name in counted}
     generate_seconds = sum(report.stats.generate_seconds for report in reports)
+    fingerprints = {partition: article_files_fingerprint(dataset_root, "translated_articles", partition) for partition in manifests}
     return MaterializeResult(
+        data_version=run_data_version(fingerprints),
         metadata={
             **totals,
             "generated_tokens_per_second": round(totals["generated_tokens"] / generate_seconds, 1) if generate_seconds > 0 else 0.0,
@@ -338,5 +346,6 @@ def newsimages_translated_articles(
             "input_limit_tokens": translator.input_limit if translator else 0,
             "path": MetadataValue.path(str(out_root)),
             "partitions": len(reports),
-        }
+            **fingerprint_metadata(fingerprints),
+        },
     )

@@ -10,12 +10,15 @@ from typing import Optional
 from dagster import AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from assets.partitions import BACKFILL_POLICY, newsimages_batch_partitions, nytimes_daily_partitions
 from model.feature_store import FeatureStore
+from model.fingerprint import feature_stage_fingerprint
 from model.image_io import DEFAULT_MAX_PIXELS
 from model.manifest import UNPARTITIONED, read_manifest, write_manifest
 from model.regions import (
     BACKENDS,
+    EXTRACTOR_FILE,
     JSON_DIR,
     STAGE,
     STORE_DIR,
@@ -156,7 +159,13 @@ def materialize_region_features(
         store.compact()
 
     failed_examples = [{"image_hash": key, "reason": reason} for key, reason in sorted(total.failed.items())[:EXAMPLES]]
+    # After the merge above, which moves every row to a new shard.
+    fingerprints = {
+        partition: feature_stage_fingerprint(dataset_root, STAGE, partition, store.folder, identity_files=[EXTRACTOR_FILE])
+        for partition in partitions
+    }
     return MaterializeResult(
+        data_version=run_data_version(fingerprints),
         metadata={
             "images_done": len(total.done),
             "images_skipped": len(total.skipped),
@@ -176,7 +185,8 @@ def materialize_region_features(
             "json": MetadataValue.path(str(json_dir)) if json_dir else "not written (write_json is off)",
             "partitions": len(partitions),
             "settings": MetadataValue.json(config.model_dump() | {"profile": settings.profile}),
-        }
+            **fingerprint_metadata(fingerprints),
+        },
     )
 
 

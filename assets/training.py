@@ -29,8 +29,10 @@ from typing import Any, Optional
 from dagster import AssetExecutionContext, AssetKey, Config, Failure, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
+from assets.data_versions import fingerprint_metadata, run_data_version
 from model.cli import DEFAULT_LXMERT, TrainingRun, code_version, run_fingerprint
 from model.documents import TEXT_STAGE, article_text, iter_articles
+from model.fingerprint import folder_fingerprint
 from model.index import index_path
 from model.manifest import list_manifests
 from model.storage import atomic_write_text
@@ -308,7 +310,10 @@ def train_asset(
     curve = run_dir / "loss_curve.png"
     if curve.is_file():
         metadata["loss_curve"] = MetadataValue.md(_inline_png(curve, "loss curve"))
-    return MaterializeResult(metadata=metadata)
+    # The best checkpoint is what evaluation and fine-tuning load.
+    fingerprints = {None: folder_fingerprint(best_dir)}
+    metadata.update(fingerprint_metadata(fingerprints))
+    return MaterializeResult(data_version=run_data_version(fingerprints), metadata=metadata)
 
 
 @asset(
