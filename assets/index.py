@@ -29,7 +29,7 @@ DROPPED_SHARE_CHECK = "dropped_share"
 class IndexConfig(Config):
     require_faces: bool = Field(
         default=True,
-        description="keep only pairs whose image also has face features (needed when training with faces)",
+        description="keep only pairs whose image went through face detection, with or without faces found (needed when training with faces)",
     )
     max_dropped_share: float = Field(
         default=0.05,
