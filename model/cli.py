@@ -423,7 +423,8 @@ def main(dataset: str, prog: str, argv: Sequence[str] | None = None) -> int:
     else:
         run = run_from_args(args, dataset, parser)
     result = run_training(run)
-    if isinstance(result, TrainResult):
+    # Under torchrun every rank returns the same result; only rank 0 reports it.
+    if isinstance(result, TrainResult) and int(os.environ.get("RANK", "0")) == 0:
         logger.info(
             "finished %d epochs in %.0f s (%.1f samples/s); best validation loss %s at epoch %s; best model in %s",
             len(result.history), result.seconds, result.samples_per_second,

@@ -308,6 +308,7 @@ def test_pretraining_asset_with_two_processes(tmp_path, monkeypatch):
     log_lines = _dagster_log_lines(instance, result.run_id)
     assert any("nproc_per_node=2" in line for line in log_lines), "the asset must start torchrun"
     assert sum("epoch 1/2 done" in line for line in log_lines) == 1, "only rank 0 logs progress"
+    assert sum("finished 2 epochs" in line for line in log_lines) == 1, "only rank 0 logs the summary"
 
     # Files: one set, no leftovers of a second writer or of interrupted writes.
     assert sorted(path.name for path in run_dir.iterdir()) == [
