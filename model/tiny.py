@@ -45,22 +45,61 @@ def tiny_lxmert_folder(data_root: str | Path) -> Path:
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE, model_max_length: int = 128):
-    """Train a lower-casing BERT-style WordPiece tokenizer on ``texts``; returns a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import LxmertTokenizerFast
+    """Train a lower-casing BERT-style WordPiece tokenizer on ``texts``; returns a fast tokenizer.
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    The same texts give the same vocabulary in every process. ``WordPieceTrainer`` of
+    tokenizers 0.23 alone does not, because it numbers the ``##`` continuation tokens in
+    hash-map order and breaks ties between merges by those numbers
+    (huggingface/tokenizers issue 1794). Here the trainer gets every continuation token up
+    front, in sorted order, as a special token, which fixes their numbers. The returned
+    tokenizer is then built from the trained vocabulary, with only the five BERT special
+    tokens marked special.
+    """
+    from tokenizers import models, trainers
+
+    texts = list(texts)
+    trainer_tokenizer = _bert_style_tokenizer(models.WordPiece(unk_token="[UNK]"))
+    continuation_tokens = _continuation_tokens(trainer_tokenizer, texts)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + continuation_tokens, show_progress=False
+    )
+    trainer_tokenizer.train_from_iterator(texts, trainer)
+
+    tokenizer = _bert_style_tokenizer(models.WordPiece(vocab=trainer_tokenizer.get_vocab(), unk_token="[UNK]"))
+    return _lxmert_fast_tokenizer(tokenizer, model_max_length)
+
+
+def _bert_style_tokenizer(model):
+    """Wrap a WordPiece ``model`` with BERT's lower-casing normalizer, pre-tokenizer and decoder."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+
+    tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.decoder = decoders.WordPiece()
+    return tokenizer
+
+
+def _continuation_tokens(tokenizer, texts: list[str]) -> list[str]:
+    """Sorted ``##c`` tokens for every character ``c`` that occurs inside a word of ``texts``."""
+    characters: set[str] = set()
+    for text in texts:
+        for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text)):
+            characters.update(word[1:])
+    return sorted(f"##{character}" for character in characters)
+
+
+def _lxmert_fast_tokenizer(tokenizer, model_max_length: int):
+    """Add BERT's [CLS]/[SEP] template to ``tokenizer`` and wrap it for transformers."""
+    from tokenizers import processors
+    from transformers import LxmertTokenizerFast
+
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
-    tokenizer.decoder = decoders.WordPiece()
     return LxmertTokenizerFast(
         tokenizer_object=tokenizer,
         unk_token="[UNK]",

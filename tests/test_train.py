@@ -185,13 +185,16 @@ def match_probabilities(model, dataset, tokenizer, shift=0):
 def test_short_training_learns_matching(tiny_folder, tokenizer, tmp_path):
     """After a short training, a held-out matched pair scores higher than a shuffled one.
 
-    Only the matching loss is on (nothing is masked), which keeps the run to about 220
-    optimizer steps. With all losses on, the tiny model needs a few times more.
+    Only the matching loss is on (nothing is masked), which keeps the run to about 440
+    optimizer steps. With all losses on, the tiny model needs a few times more. With half
+    the epochs, the result depended on the initial weights: of five seeds of the tiny
+    LXMERT, two stayed below the thresholds. With 40 epochs, seeds 0, 1 and 2 scored
+    0.81 to 0.85 and a mean gap of 0.51 to 0.57.
     """
     demo = DemoData(n_articles=240, seed=5)
     train = demo.dataset("train", tokenizer, PairDatasetConfig(mode=1, max_seq_len=48, masked_lm_ratio=0.0, masked_feats_ratio=0.0))
     model = new_model(tiny_folder)
-    config = TrainConfig(epochs=20, batch_size=32, micro_batch_size=32, lr=3e-4, num_workers=0, log_every_steps=50)
+    config = TrainConfig(epochs=40, batch_size=32, micro_batch_size=32, lr=3e-4, num_workers=0, log_every_steps=50)
     train_model(model, tokenizer, train, None, tmp_path, config)
 
     clean = PairDatasetConfig(mode=1, max_seq_len=48, negative_ratio=0.0, masked_lm_ratio=0.0, masked_feats_ratio=0.0)
