@@ -97,7 +97,7 @@ def run_assets(defs, instance, selection, tags, label: str, asset_config: dict[s
     """Materialize ``selection`` in one in-process run; print and return each asset's metadata by key."""
     if not selection:
         return {}
-    job = defs.get_implicit_global_asset_job_def()
+    job = defs.resolve_implicit_global_asset_job_def()
     ops = {
         "__".join(key.path): {"config": asset_config[key.to_user_string()]}
         for key in selection
@@ -174,14 +174,44 @@ def print_metrics(reported: dict[str, dict]) -> None:
             print(f"\n{key}\n{reported[key]['metrics']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+# Written only where DAGSTER_HOME has no dagster.yaml. Without the file Dagster warns on
+# every start, and these commands run on machines without internet access, where the
+# telemetry banner only adds noise.
+INSTANCE_YAML = """\
+# Written by the NewsLXMERT demo and real-data commands; edit freely.
+# Set enabled to true to send Dagster its usage statistics.
+telemetry:
+  enabled: false
+"""
+
+
+def configure_console() -> None:
+    """Log INFO to stderr, without the lines that libraries repeat on every run."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    data_root = Path(args.data_root).resolve()
+    # alembic logs each schema check of the Dagster instance's SQLite files at INFO.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # huggingface_hub reads this when first imported, and transformers follows it: no
+    # progress bar for every tiny-model save and load.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def prepare_environment(data_root: Path) -> None:
+    """Point the pipeline at ``data_root`` and the tiny profile, and create the Dagster home."""
     os.environ["NEWSLXMERT_DATA_ROOT"] = str(data_root)
     os.environ.setdefault("NEWSLXMERT_PROFILE", "tiny")
     os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve()))
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    dagster_home = Path(os.environ["DAGSTER_HOME"])
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    instance_yaml = dagster_home / "dagster.yaml"
+    if not instance_yaml.exists():
+        instance_yaml.write_text(INSTANCE_YAML, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_console()
+    data_root = Path(args.data_root).resolve()
+    prepare_environment(data_root)
 
     from dagster import DagsterInstance
 

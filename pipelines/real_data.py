@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.demo import graph_definitions, prepare_corpus, print_metrics, run_graph
+from pipelines.demo import configure_console, graph_definitions, prepare_corpus, prepare_environment, print_metrics, run_graph
 
 logger = logging.getLogger("newslxmert.real_data")
 
@@ -125,17 +125,14 @@ def run_real_data(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_console()
     try:
         check_source(args.source.resolve())
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     data_root = Path(args.data_root).resolve()
-    os.environ["NEWSLXMERT_DATA_ROOT"] = str(data_root)
-    os.environ.setdefault("NEWSLXMERT_PROFILE", "tiny")
-    os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster_home").resolve()))
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    prepare_environment(data_root)
 
     from dagster import DagsterInstance
 
