@@ -27,8 +27,9 @@ from pathlib import Path
 logger = logging.getLogger("newslxmert.demo")
 
 DEMO_START = dt.date(2024, 1, 1)
-# With 40 epochs the tiny model's test MRR@100 was about 1.7 times the random baseline.
-# With 80 it was about 2.8 times, and the demo still finished within 15 minutes.
+# With 80 epochs the fine-tuned tiny model's test MRR@100 is 2.4 (image to text) and 2.2
+# (text to image) times the random baseline, and the demo takes under 8 minutes on an idle
+# 2-core CPU. Half as many epochs gave clearly lower scores in earlier measurements.
 DEMO_EPOCHS = 80
 # Dagster's console logger prints every step event at DEBUG; INFO keeps the asset logs.
 CONSOLE_LOGGER = {"console": {"config": {"log_level": "INFO"}}}
