@@ -167,7 +167,7 @@ def test_today_waits_for_its_partition(served_resource):
 
 
 def test_sensor_is_in_definitions_with_its_job():
-    sensor = defs.get_sensor_def(NYTIMES_SENSOR)
+    sensor = defs.resolve_sensor_def(NYTIMES_SENSOR)
 
     assert sensor.job_name == "nytimes800k_article_stages_job"
     assert sensor.required_resource_keys == {"nytimes_mongo"}
@@ -177,7 +177,7 @@ def test_sensor_definition_ticks_through_dagster(served_resource):
     resource = served_resource
     with resource.open_collection() as collection:
         insert_demo_documents(collection, _demo_documents(20, 0, dt.date(2024, 1, 3), 1))
-    sensor = defs.get_sensor_def(NYTIMES_SENSOR)
+    sensor = defs.resolve_sensor_def(NYTIMES_SENSOR)
     context = build_sensor_context(instance=DagsterInstance.ephemeral(), resources={"nytimes_mongo": resource}, definitions=defs)
 
     data = sensor.evaluate_tick(context)
@@ -229,7 +229,7 @@ def test_newsimages_sensor_skips_missing_folder(tmp_path):
 
 def test_newsimages_sensor_reads_the_raw_articles_folder_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("NEWSLXMERT_NEWSIMAGES_SOURCE", str(tmp_path / "sources"))
-    sensor = defs.get_sensor_def(NEWSIMAGES_SENSOR)
+    sensor = defs.resolve_sensor_def(NEWSIMAGES_SENSOR)
     context = build_sensor_context(instance=DagsterInstance.ephemeral())
 
     data = sensor.evaluate_tick(context)
