@@ -71,6 +71,20 @@ def op_config(selection: list, configs: dict) -> dict:
     return {"ops": {name: {"config": config} for name, config in configs.items() if name in names}}
 
 
+def materialize_tiny(assets: list, selection: list, instance, data_root, configs: dict, partition_key=None, resources=None):
+    """Materialize ``selection`` of ``assets`` with the tiny profile on the CPU; asserts that the run succeeded."""
+    result = materialize(
+        assets,
+        selection=selection,
+        resources={"settings": PipelineSettings(data_root=str(data_root), profile="tiny", device="cpu"), **(resources or {})},
+        run_config=op_config(selection, configs),
+        partition_key=partition_key,
+        instance=instance,
+    )
+    assert result.success
+    return result
+
+
 def fingerprint_of(result, node: str) -> str:
     return metadata_of(result, node)["data_fingerprint"]
 
@@ -95,19 +109,12 @@ def test_new_article_marks_images_stale(tmp_path):
     instance = DagsterInstance.ephemeral()
 
     def run(selection):
-        result = materialize(
-            assets,
-            selection=selection,
-            resources={
-                "settings": PipelineSettings(data_root=str(tmp_path), profile="tiny", device="cpu"),
-                "nytimes_mongo": MongoResource(data_root=str(tmp_path)),
-            },
-            run_config=op_config(selection, {"nytimes800k__images": {"source_dir": str(source), "download": False}}),
+        return materialize_tiny(
+            assets, selection, instance, tmp_path,
+            {"nytimes800k__images": {"source_dir": str(source), "download": False}},
             partition_key=DAY,
-            instance=instance,
+            resources={"nytimes_mongo": MongoResource(data_root=str(tmp_path))},
         )
-        assert result.success
-        return result
 
     first = run(assets)
     articles_version = current_version(instance, assets, NYT_ARTICLES, DAY)
@@ -141,22 +148,11 @@ def test_changed_image_marks_regions_stale(tmp_path):
     instance = DagsterInstance.ephemeral()
 
     def run(selection, overwrite=False):
-        result = materialize(
-            assets,
-            selection=selection,
-            resources={"settings": PipelineSettings(data_root=str(tmp_path), profile="tiny", device="cpu")},
-            run_config=op_config(
-                selection,
-                {
-                    "nytimes800k__images": {"source_dir": str(source), "download": False},
-                    "nytimes800k__region_features": {"loader_workers": 0, "overwrite": overwrite},
-                },
-            ),
-            partition_key=DAY,
-            instance=instance,
-        )
-        assert result.success
-        return result
+        configs = {
+            "nytimes800k__images": {"source_dir": str(source), "download": False},
+            "nytimes800k__region_features": {"loader_workers": 0, "overwrite": overwrite},
+        }
+        return materialize_tiny(assets, selection, instance, tmp_path, configs, partition_key=DAY)
 
     first = run(assets)
     images_version = current_version(instance, assets, NYT_IMAGES, DAY)
@@ -210,14 +206,11 @@ def test_range_run_records_one_version(tmp_path):
     assert recorded == {day: metadata["data_fingerprint"] for day in days}
 
     # A run of one of those days alone records that day's own fingerprint, although nothing changed.
-    single = materialize(
-        [nytimes800k_images],
-        resources={"settings": PipelineSettings(data_root=str(tmp_path), profile="tiny", device="cpu")},
-        run_config={"ops": {"nytimes800k__images": {"config": {"source_dir": str(source), "download": False}}}},
+    materialize_tiny(
+        [nytimes800k_images], [nytimes800k_images], instance, tmp_path,
+        {"nytimes800k__images": {"source_dir": str(source), "download": False}},
         partition_key=days[0],
-        instance=instance,
     )
-    assert single.success
     assert current_version(instance, [nytimes800k_images], NYT_IMAGES, days[0]) == per_day[days[0]]
     assert per_day[days[0]] != metadata["data_fingerprint"]
 
@@ -236,14 +229,9 @@ def test_index_version_follows_pairs(tmp_path):
     instance = DagsterInstance.ephemeral()
 
     def run():
-        result = materialize(
-            [nytimes800k_index],
-            resources={"settings": PipelineSettings(data_root=str(tmp_path), profile="tiny", device="cpu")},
-            run_config=op_config([nytimes800k_index], {"nytimes800k__index": {"max_dropped_share": 1.0}}),
-            instance=instance,
-        )
-        assert result.success
-        return current_version(instance, [nytimes800k_index], NYT_INDEX, None)
+        assets = [nytimes800k_index]
+        materialize_tiny(assets, assets, instance, tmp_path, {"nytimes800k__index": {"max_dropped_share": 1.0}})
+        return current_version(instance, assets, NYT_INDEX, None)
 
     first = run()
     rebuilt = run()
@@ -270,19 +258,12 @@ def test_new_source_row_marks_export_stale(tmp_path):
     (batch,) = register_newsimages_batches(instance, source)
 
     def run(selection):
-        result = materialize(
-            assets,
-            selection=selection,
-            resources={
-                "settings": PipelineSettings(data_root=str(tmp_path), profile="tiny", device="cpu"),
-                "newsimages_mongo": MongoResource(data_root=str(tmp_path), database="newsimages", collection="articles"),
-            },
-            run_config=op_config(selection, {"newsimages__raw_articles": {"source_dir": str(source)}}),
+        return materialize_tiny(
+            assets, selection, instance, tmp_path,
+            {"newsimages__raw_articles": {"source_dir": str(source)}},
             partition_key=batch,
-            instance=instance,
+            resources={"newsimages_mongo": MongoResource(data_root=str(tmp_path), database="newsimages", collection="articles")},
         )
-        assert result.success
-        return result
 
     first = run(assets)
     assert metadata_of(first, "newsimages__raw_articles")["documents"] == 3
