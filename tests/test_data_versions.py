@@ -72,7 +72,7 @@ def op_config(selection: list, configs: dict) -> dict:
 
 
 def materialize_tiny(assets: list, selection: list, instance, data_root, configs: dict, partition_key=None, resources=None):
-    """Materialize ``selection`` of ``assets`` with the tiny profile on the CPU; asserts that the run succeeded."""
+    """Materialize ``selection`` of ``assets`` with the tiny profile on the CPU, assert success and return the result."""
     result = materialize(
         assets,
         selection=selection,
