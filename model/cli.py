@@ -354,8 +354,7 @@ def run_training(run: TrainingRun) -> TrainResult | dict[str, Any]:
     info = {**run_fingerprint(run), "code_version": code_version(), "pairs": {"train": len(train), "valid": len(valid) if valid else 0}}
     logger.info("training on %d pairs (validation %d), output %s", len(train), len(valid) if valid else 0, run.output)
     result = train_model(model, tokenizer, train, valid, run.output, run.train, resume=run.resume, run_info=info)
-    is_main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes files
-    if result.history and is_main_process:
+    if result.history and is_rank_zero():  # under torchrun only rank 0 writes files
         plot_loss_curves(Path(run.output) / "history.json", Path(run.output) / "loss_curve.png", title=f"NewsLXMERT on {run.dataset}")
     return result
 
@@ -402,6 +401,11 @@ def evaluate_run(run: TrainingRun, tokenizer, regions, faces) -> dict[str, Any]:
     return report.metrics
 
 
+def is_rank_zero() -> bool:
+    """Return whether this process is rank 0 under ``torchrun``, or runs without it."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _folder_fingerprint(source: str) -> str:
     path = Path(source)
     weights = path / "model.safetensors" if path.is_dir() else path
@@ -423,8 +427,8 @@ def main(dataset: str, prog: str, argv: Sequence[str] | None = None) -> int:
     else:
         run = run_from_args(args, dataset, parser)
     result = run_training(run)
-    # Under torchrun every rank returns the same result; only rank 0 reports it.
-    if isinstance(result, TrainResult) and int(os.environ.get("RANK", "0")) == 0:
+    # Under torchrun every rank returns the same result, and only rank 0 reports it.
+    if isinstance(result, TrainResult) and is_rank_zero():
         logger.info(
             "finished %d epochs in %.0f s (%.1f samples/s); best validation loss %s at epoch %s; best model in %s",
             len(result.history), result.seconds, result.samples_per_second,
