@@ -122,7 +122,7 @@ def run_assets(defs, instance, selection, tags, label: str, asset_config: dict[s
 
 
 def graph_definitions(data_root: Path):
-    """The code location's assets and checks, with resources bound to ``data_root``.
+    """Return the code location's assets and checks, with resources bound to ``data_root``.
 
     ``pipelines.definitions`` builds its resources from the environment when it is first
     imported. Binding them here makes a run write under ``data_root`` even when that

@@ -1,8 +1,8 @@
 """The whole graph on real news photos: ``python -m pipelines.real_data``.
 
 The MediaEval NewsImages 2025 release has 1,000 real photos, each with an English title
-and tags (``--source``; by default the shared data folder beside the repository). This
-command fine-tunes and evaluates on them:
+and tags. ``--source`` names its folder, by default the shared data folder beside the
+repository. This command fine-tunes and evaluates on the photos:
 
 1. write a seeded subset of its CSV (or all of it) under ``<data_root>/sources/``, where
    the ``newsimages/raw_articles`` asset reads it as one batch;
@@ -28,7 +28,15 @@ import sys
 import time
 from pathlib import Path
 
-from pipelines.demo import configure_console, graph_definitions, prepare_corpus, prepare_environment, print_metrics, run_graph
+from pipelines.demo import (
+    configure_console,
+    demo_run_config,
+    graph_definitions,
+    prepare_corpus,
+    prepare_environment,
+    print_metrics,
+    run_graph,
+)
 
 logger = logging.getLogger("newslxmert.real_data")
 
@@ -73,17 +81,16 @@ def write_csv_subset(source_csv: Path, target_dir: Path, size: int, seed: int) -
     return target
 
 
-def real_data_run_config(demo_dir: Path, source_dir: Path, images_dir: Path, pretrain_epochs: int, finetune_epochs: int) -> dict[str, dict]:
-    """Config by asset key: demo photos for NYTimes800k, the release's photos and CSV for NewsImages."""
-    return {
-        "nytimes800k/images": {"source_dir": str(demo_dir / "images"), "download": False},
+def real_data_run_config(data_root: Path, source_dir: Path, images_dir: Path, pretrain_epochs: int, finetune_epochs: int) -> dict[str, dict]:
+    """Config by asset key: the demo's for NYTimes800k, the release's photos and CSV for NewsImages."""
+    config = demo_run_config(data_root, pretrain_epochs)
+    config.update({
         "newsimages/images": {"source_dir": str(images_dir), "download": False},
         "newsimages/raw_articles": {"source_dir": str(source_dir)},
-        # Mode 4 for the demo articles, as in `make demo`: their snippet describes only the
-        # first photo. Fine-tuning keeps mode 7 (title and tags), the NewsImages default.
-        "nytimes800k/pretrained_model": {"mode": 4, "epochs": pretrain_epochs},
+        # Fine-tuning keeps mode 7 (title and tags), the NewsImages default.
         "newsimages/finetuned_model": {"epochs": finetune_epochs},
-    }
+    })
+    return config
 
 
 def check_source(source: Path) -> tuple[Path, Path]:
@@ -119,7 +126,7 @@ def run_real_data(
     write_csv_subset(source_csv, batch_dir, articles, seed)
     days = prepare_corpus(data_root, demo_articles, demo_days, seed)
     batch_keys = discover_batches(batch_dir)
-    asset_config = real_data_run_config(data_root / "demo", batch_dir, images_dir, pretrain_epochs, finetune_epochs)
+    asset_config = real_data_run_config(data_root, batch_dir, images_dir, pretrain_epochs, finetune_epochs)
     return run_graph(defs, instance, days, batch_keys, asset_config)
 
 
